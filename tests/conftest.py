@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny BPE tokenizer trained on generated text, a tiny Llama factory."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+_WORDS = ["fever", "cough", "headache", "patient", "doctor", "infection", "virus", "bacteria",
+          "treatment", "dose", "tablet", "blood", "pressure", "heart", "lung", "liver", "kidney",
+          "pain", "chronic", "acute", "symptom", "diagnosis", "test", "what", "is", "the", "a",
+          "of", "and", "to", "in", "for", "with", "how", "should", "I", "take", "can", "be",
+          "caused", "by", "usually", "hello", "yes", "no", "thank", "you", "please", "help",
+          "answer", "question", "reply", "system", "user", "assistant"]
+_HANZI = "发热咳嗽头痛病人医生感染病毒细菌治疗剂量药片血压心脏肺肝肾疼痛慢性急性症状诊断检查什么怎么是的了吗"
+
+
+def _generated_corpus(n: int = 3000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        if i % 3 == 0:
+            lines.append("".join(rng.choice(_HANZI) for _ in range(rng.randint(4, 20))) + "。")
+        else:
+            words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
+            lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ":"]))
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE (vocab 512) with eos <|endoftext|>, pad <|pad|>, ChatML markers."""
+    from medgpt_ds.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(texts=_generated_corpus(), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """Factory: tiny_llama(vocab_size, attn_implementation="sdpa", seed=0, **config) -> a
+    randomly initialised 2-layer LlamaForCausalLM (hidden 32) in float32, eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(vocab_size: int, attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+        cfg = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 512}
+        cfg.update(overrides)
+        torch.manual_seed(seed)
+        config = LlamaConfig(**cfg)
+        config._attn_implementation = attn_implementation
+        return LlamaForCausalLM(config).eval()
+
+    return make
