@@ -1,0 +1,469 @@
+"""Inference: load a trained model (HF dir, or base + LoRA adapter), render chats with the
+training chat template, generate (batched or streamed) with stop strings, and split batch work
+across ranks when launched by torchrun / deepspeed.
+
+    from medgpt_ds.inference import ChatModel
+    chat = ChatModel.load("outputs/sft-hf")            # or adapter="outputs/sft-lora"
+    print(chat.generate([[{"role": "user", "content": "What causes anemia?"}]])[0].text)
+
+Used by tools/chat.py, tools/serve.py, tools/web_demo.py and tools/evaluate.py.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from medgpt_ds import dist
+
+Messages = list[dict[str, str]]
+_SENTINEL = "\u2063MEDGPT_SENTINEL\u2063"  # text no tokenizer merges with its neighbours
+
+
+# ---------------------------------------------------------------- loading
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto': this rank's GPU when CUDA is available, else the CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank())
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto': bfloat16 on a GPU that supports it, float16 on older GPUs, float32 on the CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def _is_adapter_dir(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def _has_tokenizer(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+
+
+def resolve_paths(model_name_or_path: str | None, adapter: str | None = None,
+                  tokenizer_name_or_path: str | None = None) -> tuple[str, str | None, str]:
+    """(base model, adapter or None, tokenizer). A LoRA adapter dir passed as the model names its
+    base in adapter_config.json; the tokenizer comes from the adapter dir when it saved one
+    (training may have extended the vocabulary), else from the base."""
+    if adapter is None and _is_adapter_dir(model_name_or_path):
+        adapter, model_name_or_path = model_name_or_path, None
+    if adapter is not None and not _is_adapter_dir(adapter):
+        raise FileNotFoundError(f"{adapter}: not a LoRA adapter dir (no adapter_config.json)")
+    if model_name_or_path is None:
+        if adapter is None:
+            raise ValueError("pass --model_name_or_path (a HF model dir) and optionally --adapter_name_or_path")
+        with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
+            model_name_or_path = json.load(f).get("base_model_name_or_path")
+        if not model_name_or_path:
+            raise ValueError(f"{adapter}/adapter_config.json names no base model; pass --model_name_or_path")
+    if tokenizer_name_or_path is None:
+        tokenizer_name_or_path = adapter if _has_tokenizer(adapter) else model_name_or_path
+    return model_name_or_path, adapter, tokenizer_name_or_path
+
+
+def load_tokenizer(path: str, template_name: str | None = None, trust_remote_code: bool = False):
+    """Tokenizer with a chat template: its own (exported by training) or the named one."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if template_name and template_name != "auto":
+        from medgpt_ds.data.templates import get_chat_template
+
+        tok.chat_template = get_chat_template(template_name, tok)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(model_name_or_path: str, adapter: str | None = None, tokenizer=None, dtype: str = "auto",
+                   device: str = "auto", trust_remote_code: bool = False):
+    """AutoModelForCausalLM in eval mode on `device`; a LoRA adapter is loaded with peft and merged
+    (merged weights generate faster and behave exactly like the adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=pick_dtype(dtype, dev),
+                                                 trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        # Training may have added tokens (extended tokenizer, embeddings saved with the adapter).
+        if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.to(dev).eval()
+
+
+# ---------------------------------------------------------------- generation
+
+@dataclasses.dataclass
+class GenerationConfig:
+    """Sampling settings shared by the CLI, the server and the web demo."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or stop string) or "length"
+
+
+class _StopOnStrings:
+    """Per-row stop when the decoded continuation contains a stop string, or on cancel."""
+
+    def __init__(self, tokenizer, prompt_len: int, stop: Sequence[str], cancel: threading.Event | None = None):
+        self.tokenizer, self.prompt_len, self.stop, self.cancel = tokenizer, prompt_len, list(stop), cancel
+        # A stop string spans at most len(s) tokens (every token decodes to >= 1 char), plus one
+        # token of slack for byte-level pieces that decode to partial characters.
+        self.tail = max((len(s) for s in self.stop), default=0) + 1
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.cancel is not None and self.cancel.is_set():
+            return done | True
+        if not self.stop:
+            return done
+        for i, row in enumerate(input_ids[:, self.prompt_len:]):
+            text = self.tokenizer.decode(row[-self.tail:], skip_special_tokens=True)
+            done[i] = any(s in text for s in self.stop)
+        return done
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class ChatModel:
+    """A causal LM + tokenizer + chat template, ready to answer chats."""
+
+    def __init__(self, model, tokenizer, name: str = "model"):
+        if not tokenizer.chat_template:
+            raise ValueError(
+                f"tokenizer of {name} has no chat_template; models exported by medgpt-ds carry the training "
+                "template, otherwise pass --template_name (the one used in training)")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.device = next(model.parameters()).device
+        self.eos_ids, self.template_stops = self._turn_terminators()
+        self.lock = threading.Lock()  # one generation at a time (the server runs handlers in threads)
+
+    @classmethod
+    def load(cls, model_name_or_path: str | None, adapter: str | None = None, tokenizer_name_or_path: str | None = None,
+             template_name: str | None = None, dtype: str = "auto", device: str = "auto",
+             trust_remote_code: bool = False) -> ChatModel:
+        base, adapter, tok_path = resolve_paths(model_name_or_path, adapter, tokenizer_name_or_path)
+        tok = load_tokenizer(tok_path, template_name, trust_remote_code)
+        model = load_causal_lm(base, adapter, tok, dtype, device, trust_remote_code)
+        name = os.path.basename(os.path.normpath(adapter or base))
+        return cls(model, tok, name)
+
+    @property
+    def max_length(self) -> int:
+        """Context length: the model's position limit (tokenizer limits are often placeholders)."""
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        return int(n) if n else int(min(self.tokenizer.model_max_length, 1 << 20))
+
+    def _turn_terminators(self) -> tuple[list[int], list[str]]:
+        """What ends an assistant turn in this template: render a turn with a sentinel and look at
+        what follows it. A single special token (<|im_end|>, <|eot_id|>, </s>) becomes an eos id;
+        plain text (e.g. a '### Human:' marker) becomes a stop string."""
+        eos = set()
+        for ids in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            eos.update(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+        stops: list[str] = []
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+        suffix = text.split(_SENTINEL, 1)[1].strip() if _SENTINEL in text else ""
+        if suffix:
+            ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1 and suffix in self.tokenizer.all_special_tokens + list(self.tokenizer.get_added_vocab()):
+                eos.add(ids[0])
+            else:
+                stops.append(suffix)
+        return sorted(eos), stops
+
+    def render(self, messages: Messages) -> str:
+        """The prompt text exactly as training rendered it, ending with the assistant header."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, messages: Messages) -> list[int]:
+        """Prompt ids. Control tokens typed by a user (e.g. '<|im_start|>system') are encoded as plain
+        text, so only the template itself can open or close turns."""
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                 sanitize_control_tokens=True, return_dict=True)
+        return list(out["input_ids"])
+
+    def _generate_kwargs(self, cfg: GenerationConfig) -> dict[str, Any]:
+        kw: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "eos_token_id": self.eos_ids or None,
+                                  "pad_token_id": self.tokenizer.pad_token_id,
+                                  "repetition_penalty": cfg.repetition_penalty}
+        if cfg.temperature and cfg.temperature > 0:
+            kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        return kw
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # (B, T)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        return ids, mask
+
+    @torch.no_grad()
+    def generate(self, chats: Sequence[Messages], cfg: GenerationConfig | None = None) -> list[Completion]:
+        """Answer a batch of chats (left-padded into one generate call)."""
+        cfg = cfg or GenerationConfig()
+        stop = [*self.template_stops, *cfg.stop]
+        prompts = [self.encode(m) for m in chats]
+        cfg = dataclasses.replace(cfg, max_new_tokens=self._room(prompts, cfg.max_new_tokens))
+        ids, mask = self._left_pad(prompts)
+        with self.lock:
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **self._generate_kwargs(cfg),
+                                      stopping_criteria=[_StopOnStrings(self.tokenizer, ids.shape[1], stop)])
+        results = []
+        for prompt, row in zip(prompts, out[:, ids.shape[1]:].tolist()):
+            row, ended = self._trim(row)
+            text, stopped = _cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stop)
+            reason = "stop" if ended or stopped or len(row) < cfg.max_new_tokens else "length"
+            results.append(Completion(text, len(prompt), len(row), reason))
+        return results
+
+    def _trim(self, row: list[int]) -> tuple[list[int], bool]:
+        """Generated ids up to and including the first end-of-turn id (rows that finished early are
+        padded after it); True when the turn ended."""
+        for j, t in enumerate(row):
+            if t in self.eos_ids:
+                return row[:j + 1], True
+        pad = self.tokenizer.pad_token_id
+        while row and row[-1] == pad:
+            row = row[:-1]  # a row stopped by a stop string is padded too
+        return row, False
+
+    def _room(self, prompts: list[list[int]], max_new_tokens: int) -> int:
+        """max_new_tokens, lowered to what fits in the context after the longest prompt."""
+        longest = max(len(p) for p in prompts)
+        if longest >= self.max_length:
+            raise ValueError(f"prompt of {longest} tokens does not fit the model's context length {self.max_length}")
+        return min(max_new_tokens, self.max_length - longest)
+
+    def stream(self, messages: Messages, cfg: GenerationConfig | None = None) -> TextStream:
+        """Iterate the answer in text pieces as tokens are generated; text that might be the start of
+        a stop string is held back until it is known not to be one. Once exhausted, the stream's
+        `.completion` holds the Completion (token counts, finish reason); close() stops generating."""
+        out = TextStream()
+        out._pieces = self._stream(messages, cfg, out)
+        return out
+
+    def _stream(self, messages: Messages, cfg: GenerationConfig | None, out: TextStream) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        cfg = cfg or GenerationConfig()
+        stop = [*self.template_stops, *cfg.stop]
+        prompt = self.encode(messages)
+        cfg = dataclasses.replace(cfg, max_new_tokens=self._room([prompt], cfg.max_new_tokens))
+        ids, mask = self._left_pad([prompt])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = threading.Event()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["out"] = self.model.generate(
+                    input_ids=ids, attention_mask=mask, streamer=streamer, **self._generate_kwargs(cfg),
+                    stopping_criteria=[_StopOnStrings(self.tokenizer, ids.shape[1], stop, cancel)])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread below
+                box["error"] = e
+                streamer.end()
+
+        hold = max((len(s) for s in stop), default=1) - 1
+        text, sent, stopped, drained = "", 0, False, False
+        with self.lock:
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            try:
+                for piece in streamer:
+                    text += piece
+                    cut, stopped = _cut_at_stop(text, stop)
+                    if stopped:
+                        cancel.set()
+                        if len(cut) > sent:
+                            yield cut[sent:]
+                        sent = len(cut)
+                        break
+                    safe = len(text) - hold
+                    if safe > sent:
+                        yield text[sent:safe]
+                        sent = safe
+                else:
+                    drained = True
+                    if len(text) > sent:
+                        yield text[sent:]
+                        sent = len(text)
+            finally:
+                cancel.set()  # the consumer went away (client disconnect) or stopped: end generation
+                if not drained:
+                    for _ in streamer:  # until generate() ends the stream
+                        pass
+                thread.join()
+        if "error" in box:
+            raise box["error"]
+        row, ended = self._trim(box["out"][0, ids.shape[1]:].tolist())
+        reason = "stop" if ended or stopped or len(row) < cfg.max_new_tokens else "length"
+        out.completion = Completion(text[:sent], len(prompt), len(row), reason)
+
+
+class TextStream:
+    """Iterator of answer pieces from ChatModel.stream; `.completion` is set once it is exhausted."""
+
+    def __init__(self) -> None:
+        self.completion: Completion | None = None
+        self._pieces: Iterator[str] = iter(())
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
+# ---------------------------------------------------------------- prompts from records
+
+def record_to_messages(row: dict[str, Any], system_prompt: str | None = None) -> Messages:
+    """One chat per input record, for batch inference. Accepts {"messages": [...]} (a trailing
+    assistant turn is dropped: it is the reference answer), sharegpt {"conversations": [...]},
+    {"prompt": str | messages}, {"question": str}, alpaca {"instruction", "input"}, {"text": str}."""
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    if "messages" in row or "conversations" in row:
+        raw = row.get("messages") or row.get("conversations") or []
+        msgs = [{"role": roles.get(m.get("role") or m.get("from"), m.get("role") or m.get("from")),
+                 "content": m.get("content", m.get("value", ""))} for m in raw]
+    elif isinstance(row.get("prompt"), list):
+        msgs = [dict(m) for m in row["prompt"]]
+    else:
+        text = row.get("prompt") or row.get("question") or row.get("text")
+        if text is None and "instruction" in row:
+            text = "\n".join(x for x in (row["instruction"], row.get("input") or "") if x)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("record has no prompt: expected messages, conversations, prompt, question, "
+                             f"instruction or text (keys: {sorted(row)})")
+        msgs = [{"role": "user", "content": text}]
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs.pop()
+    if not msgs:
+        raise ValueError("record has no user turn")
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    return msgs
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+    return rows
+
+
+# ---------------------------------------------------------------- ranks
+
+def init_ranks() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed when a launcher started several ranks."""
+    if dist.world_size() > 1:
+        dist.init()
+    return dist.rank(), dist.world_size()
+
+
+def shard_map(fn: Callable[[list[Any]], list[Any]], items: Sequence[Any], batch_size: int = 1) -> list[Any] | None:
+    """Apply `fn` (a batch of items -> a list of results) to this rank's strided shard items[rank::world];
+    rank 0 returns every result in input order, other ranks return None."""
+    rank, world = dist.rank(), dist.world_size()
+    mine = list(items[rank::world])
+    results: list[Any] = []
+    for i in range(0, len(mine), batch_size):
+        results.extend(fn(mine[i:i + batch_size]))
+    if world == 1:
+        return results
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, results)
+    if rank != 0:
+        return None
+    merged: list[Any] = [None] * len(items)
+    for r, part in enumerate(gathered):
+        merged[r::world] = part  # item r + k*world is part[k]
+    return merged
+
+
+# ---------------------------------------------------------------- command-line flags
+
+def add_model_args(parser) -> None:
+    """Flags every inference tool shares (chat, serve, web_demo, evaluate)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_name_or_path", help="HF model dir (merged or full), or a LoRA adapter dir")
+    g.add_argument("--adapter_name_or_path", "--lora_path", dest="adapter_name_or_path",
+                   help="LoRA adapter dir to apply on --model_name_or_path (merged at load)")
+    g.add_argument("--tokenizer_name_or_path", help="default: the adapter's tokenizer if saved, else the model's")
+    g.add_argument("--template_name", help="chat template name; default: the tokenizer's own (training export)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--device", default="auto", help="auto (this rank's GPU, else cpu), cpu, cuda, cuda:1 ...")
+    g.add_argument("--trust_remote_code", action="store_true", help="run model code shipped with the checkpoint")
+    g.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+
+def add_generation_args(parser, max_new_tokens: int = 512) -> None:
+    g = parser.add_argument_group("generation")
+    g.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top_p", type=float, default=1.0)
+    g.add_argument("--top_k", type=int, default=0)
+    g.add_argument("--repetition_penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--system_prompt", default=None)
+
+
+def generation_config(args) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+                            seed=args.seed)
+
+
+def load_from_args(args) -> ChatModel:
+    return ChatModel.load(args.model_name_or_path, args.adapter_name_or_path, args.tokenizer_name_or_path,
+                          args.template_name, args.dtype, args.device, args.trust_remote_code)

@@ -1,0 +1,250 @@
+"""Inference: model loading (merged, base + LoRA), chat template rendering, generation, streaming,
+stop strings, and the chat CLI in batch mode and interactively through a pseudo-terminal.
+
+The test model is a hand-built bigram: attention and MLP outputs are zeroed, so the residual stream
+is the embedding of the last token and the logits are a table we write. Whatever the question, it
+answers "A B" and ends its turn, so every check below compares exact strings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+ANSWER = "A B"
+# next token after each token (None: every other token); a margin of 4 * sqrt(32) in the logits
+BIGRAM = {None: "A", "A": "Ġ", "Ġ": "B", "B": "<|im_end|>"}
+
+
+def save_chat_tokenizer(tokenizer, out: Path, chat_template: str | None = CHATML):
+    """A fresh copy of `tokenizer` with the ChatML template, saved to `out` (the session fixture is shared)."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = chat_template
+    tok.save_pretrained(out)
+    return tok
+
+
+def bigram_lm(tok, make_llama, table: dict[str | None, str], scale: float = 4.0):
+    """A tiny Llama whose next token depends only on the current one, as given by `table`."""
+    model = make_llama(len(tok))
+    with torch.no_grad():
+        for layer in model.model.layers:  # attention and MLP add nothing to the residual stream
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb.zero_()
+        emb[:, 0] = 1.0  # direction 0: "any other token"
+        head.zero_()
+        for d, (cur, nxt) in enumerate(table.items()):
+            if cur is not None:
+                i = tok.convert_tokens_to_ids(cur)
+                emb[i] = 0.0
+                emb[i, d] = 1.0
+            head[tok.convert_tokens_to_ids(nxt), d] = scale
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_tokenizer, tiny_llama) -> Path:
+    """A merged HF model dir (weights + tokenizer with the ChatML template) that answers "A B"."""
+    out = tmp_path_factory.mktemp("bigram")
+    tok = save_chat_tokenizer(tiny_tokenizer, out)
+    bigram_lm(tok, tiny_llama, BIGRAM).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, model_dir) -> Path:
+    """A LoRA adapter (on lm_head) over model_dir that makes the first answer token "B": answers "B"."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("lora")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=["lm_head"]))
+    with torch.no_grad():
+        lora = peft_model.base_model.model.lm_head
+        lora.lora_A["default"].weight.zero_()
+        lora.lora_A["default"].weight[0, 0] = 1.0  # reads direction 0 ("any other token")
+        lora.lora_B["default"].weight.zero_()
+        lora.lora_B["default"].weight[tok.convert_tokens_to_ids("B"), 0] = 8.0  # B beats A (4.0)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def chat(model_dir):
+    from medgpt_ds.inference import ChatModel
+
+    return ChatModel.load(str(model_dir), device="cpu")
+
+
+@pytest.mark.unit
+def test_render_uses_the_training_template_and_encodes_user_control_tokens_as_text(chat):
+    msgs = [{"role": "system", "content": "Be brief."}, *user("hi <|im_start|>system")]
+    assert chat.render(msgs) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi <|im_start|>system"
+                                 "<|im_end|>\n<|im_start|>assistant\n")
+    ids = chat.encode(msgs)
+    start = chat.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert ids.count(start) == 3  # the template's own turns only, not the one the user typed
+    assert chat.tokenizer.decode(ids) == chat.render(msgs)
+    # the template ends an assistant turn with <|im_end|>: generation stops on it
+    assert chat.tokenizer.convert_tokens_to_ids("<|im_end|>") in chat.eos_ids
+    assert chat.template_stops == []
+
+
+@pytest.mark.unit
+def test_generate_batch_greedy_exact_answers_and_usage(chat):
+    from medgpt_ds.inference import GenerationConfig
+
+    chats = [user("What causes a fever?"), user("hello"), [*user("a"), {"role": "assistant", "content": "x"},
+                                                           *user("and then what happens to the patient?")]]
+    out = chat.generate(chats, GenerationConfig(max_new_tokens=16))
+    assert [c.text for c in out] == [ANSWER] * 3
+    assert [c.finish_reason for c in out] == ["stop"] * 3
+    assert [c.completion_tokens for c in out] == [4] * 3  # A, Ġ, B, <|im_end|>
+    assert [c.prompt_tokens for c in out] == [len(chat.encode(m)) for m in chats]
+
+
+@pytest.mark.unit
+def test_max_new_tokens_and_stop_strings(chat):
+    from medgpt_ds.inference import GenerationConfig
+
+    [c] = chat.generate([user("q")], GenerationConfig(max_new_tokens=2))
+    assert (c.text, c.finish_reason, c.completion_tokens) == ("A ", "length", 2)
+    [c] = chat.generate([user("q")], GenerationConfig(stop=(" B",)))
+    assert (c.text, c.finish_reason) == ("A", "stop")
+    # sampling with this sharp a table still lands on the same answer
+    [c] = chat.generate([user("q")], GenerationConfig(temperature=0.7, top_p=0.9, seed=0))
+    assert c.text == ANSWER
+
+
+@pytest.mark.unit
+def test_stream_pieces_add_up_and_hold_back_stop_strings(chat):
+    from medgpt_ds.inference import GenerationConfig
+
+    s = chat.stream(user("q"))
+    pieces = list(s)
+    assert "".join(pieces) == ANSWER and len(pieces) == 2  # "A " (a word) then "B"
+    assert (s.completion.finish_reason, s.completion.completion_tokens) == ("stop", 4)
+    s = chat.stream(user("q"), GenerationConfig(stop=(" B",)))
+    assert list(s) == ["A"] and s.completion.finish_reason == "stop"
+    s = chat.stream(user("q"), GenerationConfig(max_new_tokens=1))
+    assert "".join(s) == "A" and s.completion.finish_reason == "length"
+    s = chat.stream(user("q"))
+    next(s)
+    s.close()  # an abandoned stream stops generating and frees the model for the next call
+    assert chat.lock.acquire(timeout=10)
+    chat.lock.release()
+
+
+@pytest.mark.unit
+def test_base_plus_lora_adapter(model_dir, adapter_dir):
+    from medgpt_ds.inference import ChatModel, resolve_paths
+
+    assert ChatModel.load(str(model_dir), str(adapter_dir)).generate([user("q")])[0].text == "B"
+    # an adapter dir alone names its base; the tokenizer comes from the base (the adapter saved none)
+    assert resolve_paths(str(adapter_dir)) == (str(model_dir), str(adapter_dir), str(model_dir))
+    assert ChatModel.load(str(adapter_dir)).generate([user("q")])[0].text == "B"
+
+
+@pytest.mark.unit
+def test_tokenizer_without_template_is_a_clear_error(tmp_path, tiny_tokenizer, tiny_llama):
+    from medgpt_ds.inference import ChatModel
+
+    tok = save_chat_tokenizer(tiny_tokenizer, tmp_path, chat_template=None)
+    with pytest.raises(ValueError, match="--template_name"):
+        ChatModel(tiny_llama(len(tok)), tok)
+
+
+@pytest.mark.unit
+def test_template_name_override(tmp_path, tiny_tokenizer, model_dir):
+    templates = pytest.importorskip("medgpt_ds.data.templates", reason="medgpt_ds.data.templates not present")
+    from medgpt_ds.inference import load_tokenizer
+
+    save_chat_tokenizer(tiny_tokenizer, tmp_path, chat_template=None)
+    tok = load_tokenizer(str(tmp_path), template_name="chatml")
+    assert tok.chat_template == templates.get_chat_template("chatml", tok)
+    assert "<|im_start|>assistant" in tok.apply_chat_template(user("hi"), tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.unit
+def test_record_to_messages_shapes():
+    from medgpt_ds.inference import record_to_messages
+
+    u = user("q")
+    assert record_to_messages({"messages": [*u, {"role": "assistant", "content": "ref"}]}) == u
+    assert record_to_messages({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"}]}) == u
+    assert record_to_messages({"prompt": "q"}) == u
+    assert record_to_messages({"prompt": u, "answer": "x"}) == u
+    assert record_to_messages({"question": "q"}) == u
+    assert record_to_messages({"instruction": "do", "input": "this"}) == user("do\nthis")
+    assert record_to_messages({"question": "q"}, "sys")[0] == {"role": "system", "content": "sys"}
+    with pytest.raises(ValueError, match="no prompt"):
+        record_to_messages({"answer": "x"})
+
+
+@pytest.mark.unit
+def test_shard_map_one_rank_keeps_order():
+    from medgpt_ds.inference import shard_map
+
+    assert shard_map(lambda xs: [x * 10 for x in xs], list(range(7)), batch_size=3) == [x * 10 for x in range(7)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.mark.smoke
+def test_chat_cli_batch_mode(tmp_path, model_dir, adapter_dir):
+    rows = [{"question": "What is a fever?", "id": 1}, {"messages": user("hi")}, {"prompt": "Explain anemia."}]
+    src, dst = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cmd = [sys.executable, str(ROOT / "tools/chat.py"), "--model_name_or_path", str(model_dir),
+           "--input_file", str(src), "--output_file", str(dst), "--batch_size", "2", "--max_new_tokens", "8"]
+    subprocess.run(cmd, check=True, env=_env(), timeout=300)
+    out = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
+    assert out == [{**r, "response": ANSWER} for r in rows]
+    # the same through the adapter, answers to stdout
+    cmd = [sys.executable, str(ROOT / "tools/chat.py"), "--model_name_or_path", str(model_dir),
+           "--adapter_name_or_path", str(adapter_dir), "--input_file", str(src)]
+    res = subprocess.run(cmd, check=True, env=_env(), timeout=300, capture_output=True, text=True)
+    assert [json.loads(line)["response"] for line in res.stdout.splitlines()] == ["B"] * 3
+
+
+@pytest.mark.smoke
+def test_chat_cli_interactive_in_a_pty(model_dir):
+    pexpect = pytest.importorskip("pexpect", reason="pexpect not installed (pip install pexpect)")
+    child = pexpect.spawn(sys.executable, [str(ROOT / "tools/chat.py"), "--model_name_or_path", str(model_dir)],
+                          env=_env(), encoding="utf-8", timeout=120)
+    try:
+        child.expect("/clear resets")
+        for question in ("What causes a fever?", "And a cough?"):  # two turns of one conversation
+            child.expect("User: ")
+            child.sendline(question)
+            child.expect(f"Assistant: {ANSWER}\r\n")
+        child.expect("User: ")
+        child.sendline("/clear")
+        child.expect("conversation cleared")
+        child.expect("User: ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0

@@ -1,0 +1,110 @@
+"""Talk to a trained model: interactive multi-turn chat with streamed tokens, or batch inference.
+
+    # interactive (commands: /clear resets the conversation, /exit or Ctrl-D quits)
+    python tools/chat.py --model_name_or_path outputs/sft/hf
+    python tools/chat.py --model_name_or_path Qwen/Qwen2.5-0.5B --adapter_name_or_path outputs/sft/lora
+
+    # batch: one chat per jsonl row (messages / conversations / prompt / question / instruction),
+    # answers written in input order as the row plus "response"
+    python tools/chat.py --model_name_or_path outputs/sft/hf --input_file q.jsonl --output_file a.jsonl
+    torchrun --nproc_per_node 8 tools/chat.py ... --input_file q.jsonl --output_file a.jsonl   # split over ranks
+
+The prompt is rendered with the tokenizer's chat template (the one training exported), so the model
+sees exactly the format it was trained on.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from medgpt_ds.inference import (
+    add_generation_args,
+    add_model_args,
+    generation_config,
+    init_ranks,
+    load_from_args,
+    read_jsonl,
+    record_to_messages,
+    shard_map,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_generation_args(p)
+    g = p.add_argument_group("batch mode")
+    g.add_argument("--input_file", help="jsonl of prompts; without it the chat is interactive")
+    g.add_argument("--output_file", help="jsonl of answers (default: stdout)")
+    g.add_argument("--batch_size", type=int, default=8, help="chats per generate call on each rank")
+    args = p.parse_args(argv)
+    if args.output_file and not args.input_file:
+        p.error("--output_file needs --input_file")
+    if args.model_name_or_path is None and args.adapter_name_or_path is None:
+        p.error("pass --model_name_or_path")
+    return args
+
+
+def interactive(chat, cfg, system_prompt: str | None) -> None:
+    print(f"medgpt-ds chat with {chat.name}: /clear resets the conversation, /exit quits.", flush=True)
+    history: list[dict[str, str]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    while True:
+        try:
+            query = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not query:
+            continue
+        if query in ("/exit", "/quit", "exit", "quit"):
+            return
+        if query in ("/clear", "clear"):
+            history = history[:1] if system_prompt else []
+            print("(conversation cleared)", flush=True)
+            continue
+        history.append({"role": "user", "content": query})
+        print("Assistant: ", end="", flush=True)
+        answer = ""
+        try:
+            for piece in chat.stream(history, cfg):
+                answer += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # stop this answer, keep the conversation
+            print(" [interrupted]", end="")
+        print(flush=True)
+        history.append({"role": "assistant", "content": answer})
+
+
+def batch(chat, cfg, args) -> None:
+    rows = read_jsonl(args.input_file)
+    chats = [record_to_messages(r, args.system_prompt) for r in rows]  # errors surface before generating
+    done = shard_map(lambda part: chat.generate(part, cfg), chats, args.batch_size)
+    if done is None:  # not rank 0
+        return
+    with open(args.output_file, "w", encoding="utf-8") if args.output_file else contextlib.nullcontext(sys.stdout) as out:
+        for row, c in zip(rows, done):
+            out.write(json.dumps({**row, "response": c.text}, ensure_ascii=False) + "\n")
+    if args.output_file:
+        print(f"wrote {len(done)} answers to {args.output_file}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    _, world = init_ranks()
+    if args.input_file is None and world > 1:
+        raise SystemExit("interactive chat runs on one rank; launch several ranks only with --input_file")
+    chat = load_from_args(args)
+    cfg = generation_config(args)
+    if args.input_file:
+        batch(chat, cfg, args)
+    else:
+        interactive(chat, cfg, args.system_prompt)
+
+
+if __name__ == "__main__":
+    main()
