@@ -7,11 +7,18 @@ DeepSpeed's own files, so DeepSpeed's ``zero_to_fp32.py`` keeps working on our c
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
+import io
 import json
+import math
 import os
+import re
 import shutil
-from typing import Any
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -145,3 +152,700 @@ def read_hf_meta(tag_dir: str) -> dict:
         )
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading DeepSpeed checkpoints lazily
+# ---------------------------------------------------------------------------------------------
+
+_OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_MODEL3_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or its combination with other inputs) that cannot be converted."""
+
+
+def resolve_tag_dir(path: str) -> str:
+    """``output_dir/checkpoint-N`` -> itself; ``output_dir`` -> the tag named in ``output_dir/latest``."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint dir not found: {path}")
+    names = os.listdir(path)
+    if any(n.endswith("_model_states.pt") for n in names):
+        return path
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+        tag_dir = os.path.join(path, tag)
+        if not os.path.isdir(tag_dir):
+            raise FileNotFoundError(f"{latest} names tag {tag!r} but {tag_dir} does not exist")
+        return resolve_tag_dir(tag_dir)
+    tags = sorted(n for n in names if os.path.isdir(os.path.join(path, n)) and n.startswith("checkpoint-"))
+    hint = f" (it holds {', '.join(tags)}: pass one of them)" if tags else ""
+    raise FileNotFoundError(
+        f"{path} is not a DeepSpeed checkpoint: no *_model_states.pt and no 'latest' file{hint}")
+
+
+@dataclass
+class _Source:
+    """Where one full tensor lives in the checkpoint files."""
+
+    kind: str  # "module" | "z12" | "z3" | "frozen3"
+    shape: torch.Size
+    dtype: torch.dtype
+    group: int = 0
+    offset: int = 0
+    partitioned_numel: int = 0
+
+
+class _OpenFiles:
+    """The checkpoint's files, memory-mapped on first use; dropping the object unmaps them.
+
+    Re-opening per output shard is what keeps the resident set near one shard: pages of a
+    memory-mapped file that were read stay resident for as long as the mapping exists.
+    """
+
+    def __init__(self, ckpt: "ZeroCheckpoint"):
+        self.ckpt = ckpt
+        self._cache: dict[str, Any] = {}
+
+    def load(self, path: str) -> Any:
+        if path not in self._cache:
+            self._cache[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return self._cache[path]
+
+    def model(self, rank: int = 0) -> dict:
+        return self.load(self.ckpt.model_files[rank])
+
+    def optim_groups(self, rank: int) -> list[torch.Tensor]:
+        osd = self.load(self.ckpt.optim_files[rank])["optimizer_state_dict"]
+        return osd["fp32_flat_groups" if self.ckpt.stage == 3 else "single_partition_of_fp32_groups"]
+
+    def close(self) -> None:
+        self._cache.clear()
+
+
+class ZeroCheckpoint:
+    """Index of one DeepSpeed tag dir (ZeRO 0/1/2/3, any data-parallel world size).
+
+    Builds, from the metadata only, where every parameter and buffer lives, so single tensors
+    can be materialized on demand: ``with ckpt.open() as files: ckpt.tensor(name, files)``.
+    Trainable parameters come from the fp32 master partitions in the optimizer files; frozen
+    parameters (e.g. a LoRA base) and buffers from the model-state files.
+    """
+
+    def __init__(self, tag_dir: str):
+        self.tag_dir = tag_dir = resolve_tag_dir(tag_dir)
+        names = os.listdir(tag_dir)
+        optim = {}
+        for n in names:
+            m = _OPTIM_RE.match(n)
+            if m:
+                if m.group(2) != "00":
+                    raise CheckpointError(f"{tag_dir}: tensor/model-parallel checkpoints (mp_rank {m.group(2)}) "
+                                          "are not supported; convert them with ds_to_universal first")
+                optim[int(m.group(1))] = os.path.join(tag_dir, n)
+        model3 = {int(m.group(1)): os.path.join(tag_dir, n) for n in names if (m := _MODEL3_RE.match(n))}
+        self.optim_files = [optim[r] for r in sorted(optim)]
+        if model3:
+            self.model_files = [model3[r] for r in sorted(model3)]
+        elif "mp_rank_00_model_states.pt" in names:
+            self.model_files = [os.path.join(tag_dir, "mp_rank_00_model_states.pt")]
+        else:
+            raise FileNotFoundError(f"{tag_dir}: no *_model_states.pt file")
+
+        files = _OpenFiles(self)
+        ms0 = files.model(0)
+        self.stage = 0
+        self.world_size = int(ms0.get("dp_world_size") or 1)
+        osd = None
+        if self.optim_files and ms0.get("param_shapes") is not None:
+            osd = files.load(self.optim_files[0])["optimizer_state_dict"]
+            if "zero_stage" in osd:
+                self.stage = int(osd["zero_stage"])
+                pc = osd["partition_count"]
+                self.world_size = max(pc) if isinstance(pc, list) else int(pc)
+        if self.stage and len(self.optim_files) != self.world_size:
+            raise CheckpointError(f"{tag_dir}: ZeRO-{self.stage} checkpoint of world size {self.world_size} "
+                                  f"but {len(self.optim_files)} *_optim_states.pt files (incomplete save?)")
+        if self.stage == 3 and len(self.model_files) != self.world_size:
+            raise CheckpointError(f"{tag_dir}: expected {self.world_size} ZeRO-3 model-state files, "
+                                  f"found {len(self.model_files)}")
+        self.ds_version = ms0.get("ds_version")
+        self.global_steps = ms0.get("global_steps")
+        module = ms0["module"] or {}
+        self.aliases: dict[str, str] = dict(ms0.get("shared_params") or {})
+        self.buffer_names = list(ms0.get("buffer_names") or [])
+        self.sources: dict[str, _Source] = {}
+        self.trainable: set[str] = set()
+        fp32 = torch.float32
+
+        if self.stage in (1, 2):
+            paddings = osd.get("param_alignment_paddings")
+            for g, shapes in enumerate(ms0["param_shapes"]):
+                offset = 0
+                for i, (name, shape) in enumerate(shapes.items()):
+                    shape = torch.Size(shape)
+                    self.sources[name] = _Source("z12", shape, fp32, group=g, offset=offset)
+                    offset += shape.numel() + (paddings[g][i] if paddings is not None else 0)
+            self._partition_numel = [t.numel() for t in osd["single_partition_of_fp32_groups"]]
+            self.trainable = set(self.sources)
+        elif self.stage == 3:
+            offset = 0
+            for shapes in ms0["param_shapes"]:
+                for name, shape in shapes.items():
+                    shape = torch.Size(shape)
+                    pn = math.ceil(shape.numel() / self.world_size)
+                    self.sources[name] = _Source("z3", shape, fp32, offset=offset, partitioned_numel=pn)
+                    offset += pn
+            self._group_offsets = [0]
+            for t in osd["fp32_flat_groups"]:
+                self._group_offsets.append(self._group_offsets[-1] + t.numel())
+            if offset != self._group_offsets[-1]:
+                raise CheckpointError(f"{tag_dir}: ZeRO-3 partitions hold {self._group_offsets[-1]} elements, "
+                                      f"the parameter shapes need {offset}")
+            self.trainable = set(self.sources)
+            for name, shape in (ms0.get("frozen_param_shapes") or {}).items():
+                frag = ms0["frozen_param_fragments"][name]
+                self.sources[name] = _Source("frozen3", torch.Size(shape), frag.dtype)
+        # Everything else (frozen params at ZeRO<=2, all params at ZeRO-0, buffers) is in "module".
+        for name, t in module.items():
+            if name in self.sources or name in self.aliases:
+                continue
+            if self.stage == 3 and name not in self.buffer_names:
+                continue
+            self.sources[name] = _Source("module", t.shape, t.dtype)
+        missing_alias = [a for a, src in self.aliases.items() if src not in self.sources]
+        if missing_alias:
+            raise CheckpointError(f"{tag_dir}: shared parameters {missing_alias} point at missing tensors")
+        # Keep the model's own state_dict order (nice shards, readable indexes).
+        order = {n: i for i, n in enumerate(module)}
+        self.names = sorted(self.sources, key=lambda n: order.get(n, len(order)))
+        files.close()
+
+    @contextlib.contextmanager
+    def open(self):
+        files = _OpenFiles(self)
+        try:
+            yield files
+        finally:
+            files.close()
+
+    def shape(self, name: str) -> torch.Size:
+        return self.sources[self.aliases.get(name, name)].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.sources[self.aliases.get(name, name)].dtype
+
+    def tensor(self, name: str, files: _OpenFiles) -> torch.Tensor:
+        """Materialize one full tensor (a fresh copy, independent of the mapped files)."""
+        name = self.aliases.get(name, name)
+        src = self.sources[name]
+        numel = src.shape.numel()
+        if src.kind == "module":
+            return files.model(0)["module"][name].clone()
+        if src.kind == "frozen3":
+            frags = [files.model(r)["frozen_param_fragments"][name].reshape(-1) for r in range(self.world_size)]
+            return torch.cat(frags)[:numel].view(src.shape).clone()
+        if src.kind == "z12":
+            # The group's flat vector is the concatenation of the ranks' equal-sized partitions.
+            size = self._partition_numel[src.group]
+            pieces, pos, end = [], src.offset, src.offset + numel
+            while pos < end:
+                rank, local = divmod(pos, size)
+                take = min(end - pos, size - local)
+                pieces.append(files.optim_groups(rank)[src.group][local:local + take])
+                pos += take
+            return torch.cat(pieces).view(src.shape).clone() if pieces else torch.empty(src.shape)
+        # z3: each rank holds `partitioned_numel` elements at `offset` of its (sub-group
+        # concatenated) flat fp32 buffer; the last rank's tail is padding.
+        pieces = []
+        for rank in range(self.world_size):
+            groups = files.optim_groups(rank)
+            pos, end = src.offset, src.offset + src.partitioned_numel
+            for g in range(len(groups)):
+                lo, hi = self._group_offsets[g], self._group_offsets[g + 1]
+                if pos >= hi or end <= lo:
+                    continue
+                a, b = max(pos, lo) - lo, min(end, hi) - lo
+                pieces.append(groups[g][a:b])
+        return torch.cat(pieces)[:numel].view(src.shape).clone() if pieces else torch.empty(src.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export plans: output key -> how to compute it from the checkpoint
+# ---------------------------------------------------------------------------------------------
+
+Producer = Callable[[_OpenFiles], torch.Tensor]
+
+
+@dataclass
+class _Entry:
+    key: str
+    shape: torch.Size
+    dtype: torch.dtype  # source dtype (floating tensors are cast to the export dtype)
+    produce: Producer
+
+
+def _model_class(arch: str | None, model_kind: str):
+    import transformers
+
+    if arch and hasattr(transformers, arch):
+        return getattr(transformers, arch)
+    return transformers.AutoModelForCausalLM if model_kind == "causal_lm" else \
+        transformers.AutoModelForSequenceClassification
+
+
+def build_model(config: Any, model_kind: str, peft_config: Any = None, adapter_name: str = "default",
+                device: str = "meta") -> torch.nn.Module:
+    """The model the checkpoint was saved from, built from its config (on ``device``, no weights)."""
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = _model_class(arch, model_kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device(device):
+            model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+            if peft_config is not None:
+                from peft import get_peft_model
+
+                peft_config = copy.deepcopy(peft_config)
+                model = get_peft_model(model, peft_config, adapter_name=adapter_name)
+    return model
+
+
+def _tied_duplicates(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier one (tied embeddings)."""
+    seen: dict[int, str] = {}
+    dups = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            dups.add(name)
+        else:
+            seen[id(p)] = name
+    return dups
+
+
+def _expected_keys(model: torch.nn.Module) -> dict[str, torch.Size]:
+    dups = _tied_duplicates(model)
+    return {k: v.shape for k, v in model.state_dict().items() if k not in dups}
+
+
+def _source_entry(ckpt: ZeroCheckpoint, out_key: str, src: str) -> _Entry:
+    return _Entry(out_key, ckpt.shape(src), ckpt.dtype(src), lambda files, s=src: ckpt.tensor(s, files))
+
+
+def _check_against(expected: dict[str, torch.Size], entries: list[_Entry], what: str) -> None:
+    got = {e.key: e.shape for e in entries}
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k}: checkpoint {tuple(got[k])} vs config {tuple(expected[k])}" for k in wrong[:3]))
+        raise CheckpointError(f"the checkpoint does not match {what}: " + "; ".join(parts))
+
+
+def plan_full(ckpt: ZeroCheckpoint, model: torch.nn.Module) -> list[_Entry]:
+    """Full model: checkpoint names are already the model's state_dict keys."""
+    expected = _expected_keys(model)
+    entries = [_source_entry(ckpt, k, k) for k in expected if k in ckpt.sources or k in ckpt.aliases]
+    entries += [_source_entry(ckpt, k, k) for k in ckpt.names if k not in expected]
+    _check_against(expected, entries, f"the model config ({type(model).__name__})")
+    return entries
+
+
+def plan_adapter(ckpt: ZeroCheckpoint, peft_model: torch.nn.Module, adapter_name: str,
+                 save_embedding_layers: bool) -> list[_Entry]:
+    """LoRA adapter in PEFT's on-disk naming (what PeftModel.from_pretrained reads)."""
+    from peft import get_peft_model_state_dict
+
+    placeholders = {n: torch.empty(ckpt.shape(n), device="meta") for n in list(ckpt.names) + list(ckpt.aliases)}
+    back = {id(t): n for n, t in placeholders.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter_sd = get_peft_model_state_dict(peft_model, state_dict=placeholders, adapter_name=adapter_name,
+                                               save_embedding_layers=save_embedding_layers)
+    if not adapter_sd:
+        raise CheckpointError(f"{ckpt.tag_dir}: no adapter weights found for adapter {adapter_name!r}")
+    # The adapter's own tensors must all be in the checkpoint (else it was saved from another model).
+    wanted = {n for n, p in peft_model.named_parameters() if f".{adapter_name}" in n and n not in ckpt.sources}
+    if wanted:
+        raise CheckpointError(f"the checkpoint does not match the adapter config: missing {sorted(wanted)[:5]}")
+    return [_source_entry(ckpt, k, back[id(t)]) for k, t in adapter_sd.items()]
+
+
+def plan_merged(ckpt: ZeroCheckpoint, peft_model: torch.nn.Module, adapter_name: str) -> list[_Entry]:
+    """LoRA merged into the base weights, one LoRA layer at a time with PEFT's own ``merge``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    prefix = "base_model.model."
+    merged_meta = copy.deepcopy(peft_model).merge_and_unload()
+    expected = _expected_keys(merged_meta)
+    handled: dict[str, tuple[str, str]] = {}  # out key -> (kind, peft module name)
+    for name, module in peft_model.named_modules():
+        if not name.startswith(prefix):
+            continue
+        out_prefix = name[len(prefix):]
+        if isinstance(module, BaseTunerLayer):
+            for pname, _ in module.get_base_layer().named_parameters():
+                handled[f"{out_prefix}.{pname}"] = ("lora", name)
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            inner = f"{name}.modules_to_save.{adapter_name}"
+            for pname, _ in module.get_submodule(f"modules_to_save.{adapter_name}").named_parameters():
+                handled[f"{out_prefix}.{pname}"] = ("copy", f"{inner}.{pname}")
+
+    entries = []
+    for key, shape in expected.items():
+        kind, src = handled.get(key, ("copy", prefix + key))
+        if kind == "copy":
+            if src not in ckpt.sources and src not in ckpt.aliases:
+                continue  # reported by _check_against
+            entries.append(_source_entry(ckpt, key, src))
+        else:
+            param = key[len(src) - len(prefix) + 1:]
+            entries.append(_Entry(key, shape, torch.float32,
+                                  lambda files, m=src, p=param: _merged_param(ckpt, peft_model, m, p,
+                                                                              adapter_name, files)))
+    _check_against(expected, entries, "the base model with the adapter merged")
+    return entries
+
+
+def _merged_param(ckpt: ZeroCheckpoint, peft_model: torch.nn.Module, module_name: str, param: str,
+                  adapter_name: str, files: _OpenFiles) -> torch.Tensor:
+    """Materialize one LoRA layer (base weight + A/B) in fp32, merge it with PEFT, return ``param``."""
+    cache = files.__dict__.setdefault("_merged", {})
+    if module_name not in cache:
+        module = copy.deepcopy(peft_model.get_submodule(module_name))
+        names = [n for n in module.state_dict()]
+        sd = {n: ckpt.tensor(f"{module_name}.{n}", files).float() for n in names}
+        module.load_state_dict(sd, assign=True, strict=True)
+        module.merge(adapter_names=[adapter_name])
+        cache.clear()  # one layer at a time
+        cache[module_name] = dict(module.get_base_layer().named_parameters())
+    return cache[module_name][param].detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+def _out_dtype(entry: _Entry, dtype: torch.dtype) -> torch.dtype:
+    return dtype if entry.dtype.is_floating_point else entry.dtype
+
+
+def _shard(entries: list[_Entry], dtype: torch.dtype, max_bytes: int) -> list[list[_Entry]]:
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for e in entries:
+        nbytes = e.shape.numel() * _out_dtype(e, dtype).itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    return shards
+
+
+def write_safetensors(ckpt: ZeroCheckpoint, entries: list[_Entry], output_dir: str, dtype: torch.dtype,
+                      max_shard_size: int | str = "5GB", weights_name: str = "model") -> list[str]:
+    """Write ``entries`` as (sharded) safetensors + index, one shard in memory at a time."""
+    from safetensors.torch import save_file
+    from transformers.utils.hub import convert_file_size_to_int
+
+    max_bytes = convert_file_size_to_int(max_shard_size)
+    shards = _shard(entries, dtype, max_bytes)
+    n = len(shards)
+    files_written, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"{weights_name}.safetensors" if n == 1 else f"{weights_name}-{i:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        with ckpt.open() as files:
+            for e in shard:
+                t = e.produce(files).to(_out_dtype(e, dtype)).contiguous()
+                tensors[e.key] = t
+                weight_map[e.key] = fname
+                total += t.numel() * t.element_size()
+        save_file(tensors, os.path.join(output_dir, fname), metadata={"format": "pt"})
+        files_written.append(fname)
+        del tensors
+        gc.collect()
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(output_dir, f"{weights_name}.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return files_written
+
+
+# ---------------------------------------------------------------------------------------------
+# The conversion
+# ---------------------------------------------------------------------------------------------
+
+# Config fields that must agree between a LoRA checkpoint's base and the --base_model it is
+# exported against (vocab_size may differ: a resized vocabulary travels in the adapter).
+_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "intermediate_size", "head_dim")
+_SIDE_FILES = ("config.json", "generation_config.json", "adapter_config.json", META_FILE)
+
+
+@dataclass
+class ExportResult:
+    output_dir: str
+    kind: str  # "full" | "adapter" | "merged"
+    files: list[str]
+    num_tensors: int
+    num_params: int
+    dtype: str
+    verify: dict | None = None
+
+
+def check_same_base(trained: Any, base: Any, base_name: str) -> None:
+    """Raise a CheckpointError when ``base`` (a config) cannot be the base of ``trained``."""
+    t, b = trained.get_text_config(), base.get_text_config()
+    diffs = [f"{f}: adapter {getattr(t, f, None)} vs base {getattr(b, f, None)}"
+             for f in _SHAPE_FIELDS if getattr(t, f, None) != getattr(b, f, None)]
+    if diffs:
+        raise CheckpointError(f"the adapter was trained on a different base model than {base_name} ("
+                              + "; ".join(diffs) + ")")
+
+
+def _load_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def _prepare_output_dir(output_dir: str, tag_dir: str) -> None:
+    out, src = os.path.realpath(output_dir), os.path.realpath(tag_dir)
+    if out == src or out.startswith(src + os.sep):
+        raise ValueError(f"--output_dir {output_dir} must not be inside the checkpoint {tag_dir}")
+    os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):  # stale shards of an earlier export would mix in
+        if name.startswith(("model", "adapter_model")) and (".safetensors" in name or name.endswith(".bin")):
+            os.remove(os.path.join(output_dir, name))
+
+
+def export_checkpoint(
+    checkpoint_dir: str,
+    output_dir: str,
+    *,
+    base_model: str | None = None,
+    merge_lora: bool = False,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    model_kind: str | None = None,
+    verify: bool = False,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """DeepSpeed checkpoint (tag dir, or output dir with ``latest``) -> Hugging Face folder.
+
+    Full models -> model*.safetensors + config; LoRA -> a PEFT adapter (or, with ``merge_lora``,
+    full merged weights); reward/value models keep their score head. Weights are produced one
+    output shard at a time. The tokenizer (with chat template) and generation config come from
+    the checkpoint's hf_meta, or from ``base_model`` for checkpoints without one.
+    """
+    out_dtype_name = canonical_dtype(dtype) if dtype is not None else None
+    tag_dir = resolve_tag_dir(checkpoint_dir)
+    meta_dir = os.path.join(tag_dir, META_DIR)
+    peft_config = None
+    if os.path.isdir(meta_dir):
+        meta = read_hf_meta(tag_dir)
+        config = _load_config(meta_dir)
+        if meta.get("use_peft"):
+            from peft import PeftConfig
+
+            peft_config = PeftConfig.from_pretrained(meta_dir)
+        base_model = base_model or meta.get("base_model")
+    else:
+        if base_model is None:
+            raise CheckpointError(f"{tag_dir} has no {META_DIR}/ (not written by medgpt-ds): pass --base_model "
+                                  "to take the config and tokenizer from the model the run started from")
+        config = _load_config(base_model)
+        meta = {"format_version": META_VERSION, "model_kind": model_kind or "causal_lm", "use_peft": False,
+                "base_model": base_model, "torch_dtype": canonical_dtype(getattr(config, "dtype", None) or "fp32")}
+    kind_of_model = model_kind or meta["model_kind"]
+    if kind_of_model not in MODEL_KINDS:
+        raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {kind_of_model!r}")
+    out_dtype_name = out_dtype_name or meta.get("torch_dtype") or "float32"
+    out_dtype = getattr(torch, out_dtype_name)
+    if merge_lora and peft_config is None:
+        raise CheckpointError(f"--merge_lora: {tag_dir} is a full-model checkpoint (no LoRA adapter in it)")
+
+    save_embedding_layers = False
+    if peft_config is not None and base_model and os.path.isfile(os.path.join(base_model, "config.json")):
+        base_config = _load_config(base_model)
+        check_same_base(config, base_config, base_model)
+        resized = config.get_text_config().vocab_size != base_config.get_text_config().vocab_size
+        save_embedding_layers = resized and not merge_lora
+        if save_embedding_layers:
+            log(f"vocabulary resized ({base_config.get_text_config().vocab_size} -> "
+                f"{config.get_text_config().vocab_size}): the adapter carries the embeddings; resize the "
+                "base model's embeddings before PeftModel.from_pretrained")
+
+    ckpt = ZeroCheckpoint(tag_dir)
+    adapter_name = meta.get("adapter_name") or "default"
+    model = build_model(config, kind_of_model, peft_config, adapter_name)
+    if peft_config is None:
+        kind, entries, weights_name = "full", plan_full(ckpt, model), "model"
+    elif merge_lora:
+        kind, entries, weights_name = "merged", plan_merged(ckpt, model, adapter_name), "model"
+    else:
+        kind, weights_name = "adapter", "adapter_model"
+        entries = plan_adapter(ckpt, model, adapter_name, save_embedding_layers)
+    log(f"{tag_dir}: ZeRO-{ckpt.stage}, world size {ckpt.world_size}, {kind_of_model}"
+        f"{' + LoRA' if peft_config is not None else ''} -> {kind} export, {len(entries)} tensors, {out_dtype_name}")
+
+    _prepare_output_dir(output_dir, tag_dir)
+    files = write_safetensors(ckpt, entries, output_dir, out_dtype, max_shard_size, weights_name)
+
+    # Side files: tokenizer (+ chat template), config, generation config, adapter config, meta.
+    if os.path.isdir(meta_dir):
+        for name in os.listdir(meta_dir):
+            if name not in _SIDE_FILES:
+                shutil.copy2(os.path.join(meta_dir, name), os.path.join(output_dir, name))
+    elif base_model is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(base_model).save_pretrained(output_dir)
+    if kind == "adapter":
+        cfg = copy.deepcopy(peft_config)
+        cfg.base_model_name_or_path = base_model
+        cfg.inference_mode = True
+        cfg.save_pretrained(output_dir)
+    else:
+        config = copy.deepcopy(config)
+        config.dtype = out_dtype_name
+        config.save_pretrained(output_dir)
+        gen_src = meta_dir if os.path.isdir(meta_dir) else base_model
+        gen = os.path.join(gen_src, "generation_config.json") if gen_src else None
+        if gen and os.path.isfile(gen):
+            shutil.copy2(gen, os.path.join(output_dir, "generation_config.json"))
+    out_meta = dict(meta, export={"kind": kind, "dtype": out_dtype_name, "source": os.path.abspath(tag_dir),
+                                  "zero_stage": ckpt.stage, "world_size": ckpt.world_size,
+                                  "global_steps": ckpt.global_steps})
+    out_meta["base_model"] = base_model
+    with open(os.path.join(output_dir, META_FILE), "w", encoding="utf-8") as f:
+        json.dump(out_meta, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+    result = ExportResult(output_dir, kind, files, len(entries), sum(e.shape.numel() for e in entries),
+                          out_dtype_name)
+    if verify:
+        result.verify = verify_export(output_dir, tag_dir, base_model=base_model, log=log)
+        if not result.verify["ok"]:
+            raise CheckpointError(f"--verify failed: {result.verify}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_PROMPTS = ("What are the common symptoms of influenza?",
+                   "高血压患者在饮食上需要注意什么？",
+                   "Explain the difference between a virus and a bacterium.")
+_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}  # relative to max |logit|
+
+
+def reference_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights through DeepSpeed's own zero_to_fp32 (an independent reader).
+
+    Whole model in memory: for verification only. ZeRO-0 checkpoints hold plain module weights.
+    """
+    ckpt = ZeroCheckpoint(tag_dir)
+    if ckpt.stage == 0:
+        sd = torch.load(ckpt.model_files[0], map_location="cpu", weights_only=False)["module"]
+        return {k: v.clone() for k, v in sd.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    parent, tag = os.path.split(os.path.normpath(ckpt.tag_dir))
+    with contextlib.redirect_stdout(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+
+
+def _probe_inputs(tokenizer: Any, prompts: tuple[str, ...]) -> list[torch.Tensor]:
+    out = []
+    for p in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True)
+        else:
+            text = p
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def verify_export(output_dir: str, tag_dir: str, *, base_model: str | None = None,
+                  prompts: tuple[str, ...] = DEFAULT_PROMPTS, log: Callable[[str], None] = print) -> dict:
+    """Load the export with transformers (and PEFT) and compare its logits with a model built from
+    the checkpoint's config holding the checkpoint's weights (read by DeepSpeed's zero_to_fp32)."""
+    from transformers import AutoTokenizer
+
+    tag_dir = resolve_tag_dir(tag_dir)
+    meta_dir = os.path.join(tag_dir, META_DIR)
+    with open(os.path.join(output_dir, META_FILE), encoding="utf-8") as f:
+        meta = json.load(f)
+    export = meta["export"]
+    kind_of_model = meta["model_kind"]
+    config = _load_config(meta_dir if os.path.isdir(meta_dir) else output_dir)
+    peft_config = None
+    if meta.get("use_peft"):
+        from peft import PeftConfig
+
+        peft_config = PeftConfig.from_pretrained(meta_dir)
+    adapter_name = meta.get("adapter_name") or "default"
+
+    ref = build_model(config, kind_of_model, peft_config, adapter_name, device="cpu").float()
+    sd = reference_state_dict(tag_dir)
+    result = ref.load_state_dict(sd, strict=False)
+    dups = _tied_duplicates(ref)
+    missing = [k for k in result.missing_keys if k not in dups]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"reference load failed: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    del sd
+    if export["kind"] == "full":  # the export holds the weights rounded to its dtype: compare like with like
+        for p in ref.parameters():
+            p.data = p.data.to(getattr(torch, export["dtype"])).float()
+    ref.eval()
+
+    cls = _model_class((config.architectures or [None])[0], kind_of_model)
+    if export["kind"] == "adapter":
+        from peft import PeftModel
+
+        if not base_model:
+            raise CheckpointError("--verify of an adapter export needs the base model (--base_model)")
+        base = cls.from_pretrained(base_model, dtype=torch.float32)
+        vocab = config.get_text_config().vocab_size
+        if base.get_input_embeddings().weight.shape[0] != vocab:
+            base.resize_token_embeddings(vocab)
+        got = PeftModel.from_pretrained(base, output_dir, adapter_name=adapter_name)
+    else:
+        got = cls.from_pretrained(output_dir, dtype=torch.float32)
+    got.eval()
+
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    diffs, agree, scale = [], 0, 1.0
+    inputs = _probe_inputs(tokenizer, prompts)
+    for ids in inputs:
+        kw = {"use_cache": False} if kind_of_model == "causal_lm" else {}
+        a = ref(input_ids=ids, **kw).logits.float()
+        b = got(input_ids=ids, **kw).logits.float()
+        diffs.append((a - b).abs().max().item())
+        scale = max(scale, a.abs().max().item())
+        agree += int(torch.equal(a.argmax(-1), b.argmax(-1)))
+    tol = _TOLERANCE[export["dtype"]] * scale
+    report = {"ok": max(diffs) <= tol, "max_abs_diff": max(diffs), "tolerance": tol,
+              "argmax_agree": f"{agree}/{len(inputs)}", "prompts": len(inputs), "kind": export["kind"]}
+    log(f"verify: max |logits diff| {report['max_abs_diff']:.3g} (tolerance {tol:.3g}), "
+        f"argmax agree on {report['argmax_agree']} prompts -> {'OK' if report['ok'] else 'FAILED'}")
+    return report
