@@ -94,12 +94,15 @@ def load_records(files: list[str], kind: str, *, max_samples: int | None = None,
 # ---------------------------------------------------------------- file readers
 
 def _iter_raw(path: str, kind: str, stats: dict) -> Iterator[tuple[str, Any]]:
-    """Yield (``path:line``, record) pairs; blank lines are counted in stats['blank']."""
+    """Yield (``path:line``, record) pairs; blank lines are counted in stats['blank'].
+
+    Text files are read as utf-8-sig so a byte-order mark (Windows editors) is not an error.
+    """
     if path.endswith(".txt"):
         if kind != "pt":
             raise DataError(f"{path}: .txt files hold pretraining text (one document per line); "
                             f"'{kind}' data must be .jsonl, .json or .parquet records")
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 text = line.rstrip("\r\n")
                 if not text.strip():
@@ -107,7 +110,7 @@ def _iter_raw(path: str, kind: str, stats: dict) -> Iterator[tuple[str, Any]]:
                     continue
                 yield f"{path}:{n}", {"text": text}
     elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     stats["blank"] += 1
@@ -119,7 +122,7 @@ def _iter_raw(path: str, kind: str, stats: dict) -> Iterator[tuple[str, Any]]:
                         from None
                 yield f"{path}:{n}", _as_object(obj, f"{path}:{n}")
     elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
         try:
             data = json.loads(text)
@@ -202,8 +205,12 @@ def _turns(turns: Any, where: str, field: str) -> tuple[list[dict], list[str]]:
         role = t.get(rk)
         if role not in _ROLES:
             _fail(where, f"{f}.{rk}", f"unknown role {role!r} (expected one of {', '.join(_ROLES)})")
+        if role == "system" and isinstance(t.get(ck), str) and not t[ck].strip():
+            continue  # an empty system turn (common in sharegpt exports) means no system prompt
         msgs.append({"role": _ROLES[role], "content": _text(t.get(ck), where, f"{f}.{ck}")})
         fields.append(f)
+    if not msgs:
+        _fail(where, field, "empty")
     return msgs, fields
 
 
