@@ -2,9 +2,10 @@
 
 Packed rows carry position_ids that restart at 0 for every sample and NO attention_mask: with
 ``use_cache=False`` transformers detects the sample boundaries from the position ids and masks
-attention across them (sdpa, eager and flash-attn), so a packed row gives the same logits as the
-samples run one by one. An attention mask (even all ones) or ``use_cache=True`` disables that
-detection and samples silently attend to each other.
+attention across them, so a packed row gives the same losses and gradients as the samples run
+one by one (tested for sdpa and eager; flash-attn derives its cu_seqlens from the same position
+ids). An attention mask (even all ones) or ``use_cache=True`` disables that detection and
+samples silently attend to each other.
 """
 from __future__ import annotations
 
