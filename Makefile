@@ -1,0 +1,39 @@
+# The two commands (see README):  make demo   |   make test
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED ?= 1
+
+.PHONY: setup demo test test-fast test-cluster lint bench clean
+
+# venv + torch (CPU wheel, pinned first so pip never pulls a CUDA build) + the package
+$(BIN)/.installed: setup.py requirements-test.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e . -r requirements-test.txt
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh
+
+test: setup
+	$(BIN)/ruff check medgpt_ds launch tools tests bench
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "not cluster" -p no:cacheprovider
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m cluster -p no:cacheprovider tests/cluster || test $$? -eq 5
+
+test-fast: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "unit" -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check medgpt_ds launch tools tests bench
+
+clean:
+	rm -rf outputs .cache

@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Single entrypoint for every stage.
+
+    python launch/train.py --stage sft ...                       # one rank
+    deepspeed --num_gpus 8 launch/train.py --stage dpo ...       # one node
+    deepspeed --hostfile hostfiles/a100x16 launch/train.py ...   # several nodes
+    torchrun --nproc_per_node 8 launch/train.py --stage pt ...
+    python launch/train.py recipe.yaml --learning_rate 1e-4      # YAML recipe + overrides
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from medgpt_ds.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""`launch/train.py --stage ...`: parse the run config and hand it to the stage module."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from medgpt_ds.config import STAGES, _split_stage, parse_args
+
+# stage -> module; each module has run(cfg) and may define `Arguments` (its own flags)
+STAGE_MODULES = {s: f"medgpt_ds.stages.{s}" for s in STAGES}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    stage = _split_stage(argv)
+    if stage not in STAGE_MODULES:
+        raise SystemExit(f"error: --stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    try:
+        module = importlib.import_module(STAGE_MODULES[stage])
+    except ModuleNotFoundError as e:
+        if e.name == STAGE_MODULES[stage]:
+            raise SystemExit(f"error: stage {stage!r} is not available in this version of medgpt-ds")
+        raise
+    cfg = parse_args(argv, {stage: getattr(module, "Arguments", None)})
+    from medgpt_ds.data.formats import DataError
+    from medgpt_ds.engine import DSConfigError
+
+    try:
+        state = module.run(cfg)
+    except (DataError, DSConfigError) as e:
+        # bad input: one clear line naming the file/line/flag, before any training
+        raise SystemExit(f"error: {e}")
+    return 0 if state is not None else 1

@@ -1,0 +1,333 @@
+"""Typed run configuration: CLI flags and YAML recipes parsed into dataclasses.
+
+Flag names follow MedicalGPT's scripts (model_name_or_path, train_file_dir, ...) so they carry
+over. A YAML recipe holds the same keys; flags given on the command line override it. Unknown
+flags are errors; flags that MedicalGPT users pass but that have no meaning here are accepted
+with a one-line warning (never silently dropped).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "orpo", "grpo")
+
+# MedicalGPT / HF Trainer flags with no meaning under this trainer: accepted, warned about.
+IGNORED_FLAGS = {
+    "device_map": "DeepSpeed places the model; device_map is ignored under multi-rank training",
+    "ddp_find_unused_parameters": "DeepSpeed does not use torch DDP",
+    "optim": "the optimizer comes from the DeepSpeed config (AdamW by default)",
+    "remove_unused_columns": "datasets are tokenized by the stage itself",
+    "shift_attn": "S^2-Attn is not implemented; use --packing and --flash_attn for long contexts",
+    "torch_compile": "torch.compile is not applied to DeepSpeed engines here",
+    "hub_token": "no hub access at training time",
+    "push_to_hub": "no hub access at training time",
+    "save_safetensors": "exports are always safetensors",
+    "eval_strategy": "evaluation runs every --eval_steps when a validation set exists",
+    "evaluation_strategy": "evaluation runs every --eval_steps when a validation set exists",
+    "save_strategy": "checkpoints are written every --save_steps and at the end",
+    "logging_strategy": "logging runs every --logging_steps",
+    "logging_first_step": "the first step is always logged",
+    "do_train": "the stage always trains",
+    "use_fast_tokenizer": "the fast tokenizer is used when the model ships one",
+    "streaming": "datasets are tokenized up front with the datasets cache",
+}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "HF model dir or hub id to start from."})
+    model_config: Optional[str] = field(
+        default=None,
+        metadata={"help": "Train from scratch with random weights: a config.json path or a preset (tiny, tiny-tied)."},
+    )
+    tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Tokenizer dir (default: the model's)."})
+    torch_dtype: str = field(default="auto", metadata={"help": "Weights dtype when loading: auto, bfloat16, float16, float32."})
+    attn_implementation: str = field(
+        default="auto", metadata={"help": "auto (flash_attention_2 on CUDA with flash-attn, else sdpa), sdpa, eager, flash_attention_2."}
+    )
+    flash_attn: bool = field(default=False, metadata={"help": "Require flash_attention_2 (error when unavailable)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the model dir."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where hub downloads and the datasets cache live."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base weights in 4-bit (bitsandbytes nf4)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base weights in 8-bit (bitsandbytes)."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (only used for hub ids)."})
+
+    def __post_init__(self):
+        if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"--torch_dtype must be auto, bfloat16, float16 or float32, got {self.torch_dtype!r}")
+        if self.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"):
+            raise ValueError(f"--attn_implementation {self.attn_implementation!r} is not one of auto, sdpa, eager, flash_attention_2")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load_in_4bit and --load_in_8bit are exclusive")
+
+
+@dataclass
+class DataArguments:
+    train_file_dir: Optional[str] = field(default=None, metadata={"help": "Dir (or file) of training data."})
+    validation_file_dir: Optional[str] = field(default=None, metadata={"help": "Dir (or file) of validation data."})
+    validation_split_percentage: int = field(
+        default=0, metadata={"help": "Percent of train held out for eval when no validation_file_dir is given."}
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only the first N training records."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only the first N eval records."})
+    template_name: Optional[str] = field(
+        default=None, metadata={"help": "Chat template name (chatml, qwen, llama3, vicuna, ...); default: the tokenizer's own."}
+    )
+    block_size: int = field(default=1024, metadata={"help": "pt: tokens per training row."})
+    model_max_length: int = field(default=2048, metadata={"help": "sft: max tokens per sample (and per packed row)."})
+    max_source_length: int = field(default=1024, metadata={"help": "Preference/RL stages: max prompt tokens (left-truncated)."})
+    max_target_length: int = field(default=1024, metadata={"help": "Preference stages: max response tokens (right-truncated)."})
+    truncation_mode: str = field(default="truncate", metadata={"help": "Over-long samples: truncate or drop (counted in the log)."})
+    train_on_inputs: bool = field(default=False, metadata={"help": "sft: also train on prompt tokens."})
+    packing: Optional[bool] = field(default=None, metadata={"help": "Pack samples into rows (default on for pt and sft)."})
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize instead of using the datasets cache."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
+
+    def __post_init__(self):
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError("--validation_split_percentage must be in [0, 100)")
+        if self.truncation_mode not in ("truncate", "drop"):
+            raise ValueError("--truncation_mode must be truncate or drop")
+        for name in ("block_size", "model_max_length", "max_source_length", "max_target_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = field(metadata={"help": "Where checkpoints, logs and the final HF export go."})
+    stage: str = field(default="sft", metadata={"help": "pt, sft, rm, ppo, dpo, orpo or grpo."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
+    deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (default: ZeRO-0 built in)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Micro batch per rank (rows when packing)."})
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Eval micro batch per rank."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro batches per optimizer step."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name (linear, cosine, constant_with_warmup, ...)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of steps spent warming up."})
+    warmup_steps: int = field(default=0, metadata={"help": "Warmup steps (overrides warmup_ratio when > 0)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (ignored when max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps (> 0 overrides num_train_epochs)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (and at the end)."})
+    do_eval: bool = field(default=False, metadata={"help": "Evaluate (needs validation data)."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    seed: int = field(default=42, metadata={"help": "Seed for init, data order and dropout."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision."})
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with loss scaling."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    neft_alpha: float = field(default=0.0, metadata={"help": "NEFTune noise alpha on input embeddings (0: off)."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint dir, or auto (= latest in output_dir)."})
+    load_universal: bool = field(default=False, metadata={"help": "Resume from a DeepSpeed universal checkpoint (other world size/stage)."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none (jsonl and stdout always)."})
+    logging_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard dir (default output_dir/logs)."})
+    ddp_timeout: int = field(default=1800, metadata={"help": "Seconds before a collective times out."})
+    export_hf: bool = field(default=True, metadata={"help": "Write an HF model (or adapter) into output_dir at the end."})
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 are exclusive")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError("--warmup_ratio must be in [0, 1)")
+        if self.report_to not in ("tensorboard", "none", "all", "jsonl"):
+            raise ValueError("--report_to must be tensorboard or none")
+
+
+@dataclass
+class LoraArguments:
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    target_modules: str = field(default="all", metadata={"help": "Comma-separated module names, or all (every linear but the head)."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    modules_to_save: Optional[str] = field(default=None, metadata={"help": "Comma-separated modules trained in full and saved with the adapter."})
+    peft_path: Optional[str] = field(default=None, metadata={"help": "Continue training an existing adapter."})
+    qlora: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base (implies --load_in_4bit unless 8-bit given) + LoRA."})
+
+    def __post_init__(self):
+        if self.lora_rank <= 0:
+            raise ValueError("--lora_rank must be positive")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("--lora_dropout must be in [0, 1)")
+
+
+@dataclass
+class RunConfig:
+    """Everything a stage needs, grouped."""
+
+    model: ModelArguments
+    data: DataArguments
+    train: TrainingArguments
+    lora: LoraArguments
+    stage_args: Any = None
+
+    def to_dict(self) -> dict:
+        out = {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+            "lora": dataclasses.asdict(self.lora),
+        }
+        if self.stage_args is not None:
+            out["stage_args"] = dataclasses.asdict(self.stage_args)
+        return out
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+
+def _yaml_to_argv(path: str) -> list[str]:
+    """Turn a YAML recipe into flags, so the CLI (given later) overrides it."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise SystemExit(f"error: recipe file not found: {path}")
+    except yaml.YAMLError as e:
+        raise SystemExit(f"error: recipe {path} is not valid YAML: {e}")
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: recipe {path} must be a mapping of flag: value")
+    argv: list[str] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _split_stage(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a == "--stage" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--stage="):
+            return a.split("=", 1)[1]
+    return TrainingArguments.__dataclass_fields__["stage"].default
+
+
+def _strip_ignored(argv: list[str], known_flags: set[str]) -> list[str]:
+    """Drop flags in IGNORED_FLAGS (with their value), warning once each."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        name = a[2:].split("=", 1)[0] if a.startswith("--") else None
+        if name in IGNORED_FLAGS and name not in known_flags:
+            print(f"warning: --{name} is accepted but ignored: {IGNORED_FLAGS[name]}", file=sys.stderr)
+            i += 1
+            if "=" not in a and i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def parse_args(argv: list[str] | None = None, stage_dataclasses: dict | None = None) -> RunConfig:
+    """Parse ``argv`` (default sys.argv[1:]) into a RunConfig.
+
+    A YAML recipe may be given as the first positional argument or with ``--config``;
+    flags after it override its values. ``stage_dataclasses`` maps a stage name to its own
+    argument dataclass (e.g. DPO's beta), parsed alongside the common ones.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # launchers (deepspeed, torch.distributed.launch) append --local_rank=N; LOCAL_RANK is in the env too
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    recipe = None
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+        recipe = argv.pop(0)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise SystemExit("error: --config needs a YAML path")
+        recipe = argv[i + 1]
+        del argv[i : i + 2]
+    if recipe:
+        argv = _yaml_to_argv(recipe) + argv
+
+    stage = _split_stage(argv)
+    extra = (stage_dataclasses or {}).get(stage)
+    types = [ModelArguments, DataArguments, TrainingArguments, LoraArguments] + ([extra] if extra else [])
+    parser = HfArgumentParser(types)
+    parser.allow_abbrev = False  # a typo must not silently select another flag by prefix
+    known = {a.dest for a in parser._actions}
+    argv = _strip_ignored(argv, known)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as e:  # raised by a dataclass __post_init__ check
+        raise SystemExit(f"error: {e}")
+    *objs, remaining = parsed
+    if remaining:
+        msgs = []
+        for r in remaining:
+            if r.startswith("--"):
+                name = r[2:].split("=", 1)[0]
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f" (did you mean --{close[0]}?)" if close else ""
+                msgs.append(f"unknown flag --{name}{hint}")
+            else:
+                msgs.append(f"unexpected argument {r!r}")
+        raise SystemExit("error: " + "; ".join(msgs) + f" [stage {stage}]")
+    model, data, train, lora = objs[:4]
+    cfg = RunConfig(model=model, data=data, train=train, lora=lora, stage_args=objs[4] if extra else None)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: RunConfig) -> None:
+    m, t, lora = cfg.model, cfg.train, cfg.lora
+    if cfg.lora.qlora and not (m.load_in_4bit or m.load_in_8bit):
+        m.load_in_4bit = True
+    if (m.load_in_4bit or m.load_in_8bit) and not lora.use_peft:
+        raise SystemExit("error: --load_in_4bit/--load_in_8bit/--qlora train an adapter: add --use_peft")
+    if m.model_name_or_path and m.model_config:
+        raise SystemExit("error: give either --model_name_or_path (pretrained) or --model_config (from scratch), not both")
+    if t.stage in ("pt", "sft", "rm", "dpo", "orpo") and not (m.model_name_or_path or m.model_config):
+        raise SystemExit("error: --model_name_or_path (or --model_config for random init) is required")
+    if m.model_config and not (m.tokenizer_name_or_path or m.model_name_or_path):
+        raise SystemExit("error: --model_config needs --tokenizer_name_or_path (train one with tools/train_tokenizer.py)")
+    for flag in ("model_name_or_path", "tokenizer_name_or_path"):
+        p = getattr(m, flag)
+        if p and not os.path.exists(os.path.expanduser(p)) and not _in_hub_cache(p, m.cache_dir):
+            local_looking = p.startswith(("/", ".", "~")) or p.count("/") != 1
+            if local_looking or os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise SystemExit(f"error: --{flag} {p}: no such directory (and not in the hub cache)")
+    if t.deepspeed and not os.path.isfile(t.deepspeed):
+        raise SystemExit(f"error: --deepspeed {t.deepspeed}: no such file")
+    if cfg.data.train_file_dir and not os.path.exists(cfg.data.train_file_dir):
+        raise SystemExit(f"error: --train_file_dir {cfg.data.train_file_dir}: no such file or directory")
+    if cfg.data.validation_file_dir and not os.path.exists(cfg.data.validation_file_dir):
+        raise SystemExit(f"error: --validation_file_dir {cfg.data.validation_file_dir}: no such file or directory")
+
+
+def _in_hub_cache(repo_id: str, cache_dir: Optional[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply "not cached"
+        return False

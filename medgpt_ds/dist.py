@@ -1,0 +1,135 @@
+"""The ONLY place that reads RANK / LOCAL_RANK / WORLD_SIZE / SLURM_*.
+
+Supports `deepspeed`, `torchrun`, `srun python` (SLURM variables mapped here) and plain
+`python` (one rank on a free local port).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+from typing import Any
+
+import torch
+
+_initialized = False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _map_slurm_env() -> None:
+    """srun starts plain processes: derive the torch.distributed variables from SLURM's."""
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return
+    needed = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    missing = [k for k in needed if k not in env]
+    if missing:
+        raise RuntimeError(f"SLURM launch detected but {', '.join(missing)} unset; launch with srun (one task per rank)")
+    rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
+    if not 0 <= rank < world:
+        raise RuntimeError(f"inconsistent SLURM variables: SLURM_PROCID={rank} SLURM_NTASKS={world}")
+    if "MASTER_ADDR" not in env:
+        raise RuntimeError(
+            "srun launch needs MASTER_ADDR (the first node's address, e.g. from `scontrol show node`) "
+            "and MASTER_PORT exported by the batch script"
+        )
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init(timeout_s: int = 1800) -> None:
+    """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU)."""
+    global _initialized
+    if _initialized:
+        return
+    _map_slurm_env()
+    env = os.environ
+    if "RANK" not in env:  # plain `python launch/train.py`: a world of one
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    if not 0 <= rank < world:
+        raise RuntimeError(f"inconsistent launcher variables: RANK={rank} WORLD_SIZE={world}")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(local_rank())
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    _initialized = True
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, local_rank())
+
+
+def on_cuda() -> bool:
+    return device().type == "cuda"
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (in place, returned)."""
+    if torch.distributed.is_initialized() and world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (torch.distributed.is_initialized() and world_size() > 1):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def announce() -> None:
+    """Every rank says where it runs (cluster logs need this to debug placement)."""
+    print(f"rank {rank()}/{world_size()} on host {hostname()} (local_rank {local_rank()}, device {device()})",
+          file=sys.stdout, flush=True)

@@ -1,0 +1,207 @@
+"""Tokenizer and model loading: pretrained dirs or from-scratch configs, attention choice,
+LoRA / QLoRA, gradient checkpointing, NEFTune, and ZeRO-3-safe construction (zero.Init).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from medgpt_ds import dist
+
+# From-scratch presets (the "learn the pipeline on a laptop" path). Vocabulary comes from the tokenizer.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "tiny-tied": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "small": dict(model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False),
+}
+
+# Keep the HfDeepSpeedConfig alive: transformers reads it through a weakref to decide on zero.Init.
+_HF_DS_CONFIG = None
+
+
+def load_tokenizer(model_args):
+    """The tokenizer of --tokenizer_name_or_path (else the model's), with a pad token."""
+    path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    tok = AutoTokenizer.from_pretrained(path, cache_dir=model_args.cache_dir,
+                                        trust_remote_code=model_args.trust_remote_code)
+    if tok.pad_token is None:
+        # eos as pad is safe: pad positions are masked from attention and loss by the collators
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token is None:
+        raise ValueError(f"tokenizer {path} has no pad, eos or unk token; add one")
+    return tok
+
+
+def resolve_dtype(model_args, train_args) -> torch.dtype:
+    if model_args.torch_dtype != "auto":
+        return getattr(torch, model_args.torch_dtype)
+    if train_args.bf16:
+        return torch.bfloat16
+    if train_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def resolve_attn_implementation(model_args) -> str:
+    have_fa = importlib.util.find_spec("flash_attn") is not None
+    if model_args.flash_attn or model_args.attn_implementation == "flash_attention_2":
+        if not (have_fa and dist.on_cuda()):
+            raise SystemExit("error: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                             "(pip install medgpt-ds[gpu]); use --attn_implementation sdpa")
+        return "flash_attention_2"
+    if model_args.attn_implementation == "auto":
+        return "flash_attention_2" if have_fa and dist.on_cuda() else "sdpa"
+    return model_args.attn_implementation
+
+
+def build_config(model_args, tokenizer) -> PretrainedConfig:
+    """Config for from-scratch training: a preset name or a config.json path."""
+    spec = model_args.model_config
+    if spec in PRESETS:
+        kw = dict(PRESETS[spec])
+        model_type = kw.pop("model_type")
+        config = AutoConfig.for_model(model_type, **kw)
+    elif os.path.isfile(spec) or os.path.isdir(spec):
+        path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+        with open(path) as f:
+            kw = json.load(f)
+        model_type = kw.pop("model_type", None)
+        if model_type is None:
+            raise SystemExit(f"error: --model_config {path} has no model_type")
+        config = AutoConfig.for_model(model_type, **kw)
+    else:
+        raise SystemExit(f"error: --model_config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    return config
+
+
+def set_zero3_init(ds_config: dict) -> None:
+    """Register the DeepSpeed config with transformers so from_pretrained / from_config build the
+    model under deepspeed.zero.Init (ZeRO-3): no rank ever holds the whole model."""
+    global _HF_DS_CONFIG
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config.get("zero_optimization", {}).get("stage") == 3 else None
+
+
+def load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, *, model_cls=AutoModelForCausalLM,
+               extra_config: Optional[dict] = None, peft_task_type: str = "CAUSAL_LM"):
+    """Load (or build from a config) the model to train, with LoRA/QLoRA and checkpointing applied.
+
+    Call after ``set_zero3_init``. ``model_cls`` is AutoModelForCausalLM or, for reward models,
+    AutoModelForSequenceClassification (with extra_config num_labels=1).
+    """
+    dtype = resolve_dtype(model_args, train_args)
+    attn = resolve_attn_implementation(model_args)
+    quant = None
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        if ds_config.get("zero_optimization", {}).get("stage") == 3:
+            raise SystemExit("error: QLoRA / 4-bit / 8-bit loading is not supported with ZeRO-3 (quantized weights "
+                             "cannot be partitioned); use ds_configs/zero2.json or zero2_offload.json")
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit,
+            bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+    if model_args.model_config:
+        config = build_config(model_args, tokenizer)
+        for k, v in (extra_config or {}).items():
+            setattr(config, k, v)
+        torch.manual_seed(train_args.seed)  # identical random init on every rank
+        model = model_cls.from_config(config, attn_implementation=attn, dtype=dtype)
+    else:
+        if not os.path.isdir(model_args.model_name_or_path):
+            dist.print0(f"loading {model_args.model_name_or_path} from the hub cache / hub (not a local dir)")
+        model = model_cls.from_pretrained(
+            model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+            trust_remote_code=model_args.trust_remote_code, dtype=dtype, attn_implementation=attn,
+            quantization_config=quant, **(extra_config or {}))
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        dist.print0(f"resizing embeddings {model.get_input_embeddings().num_embeddings} -> {len(tokenizer)} "
+                    "(the tokenizer has new tokens)")
+        model.resize_token_embeddings(len(tokenizer))
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # packed batches need it off (DESIGN.md); generation turns it back on
+
+    if train_args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train_args.gradient_checkpointing)
+    if lora_args.use_peft:
+        model = apply_lora(model, lora_args, peft_task_type)
+        if train_args.gradient_checkpointing:
+            model.enable_input_require_grads()
+    if train_args.neft_alpha > 0:
+        add_neftune(model, train_args.neft_alpha)
+    return model
+
+
+def lora_target_modules(model, spec: str) -> list[str]:
+    """``all`` -> every nn.Linear (or bnb linear) name except the output head(s)."""
+    if spec != "all":
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    names = set()
+    heads = {"lm_head", "score", "v_head", "value_head", "output"}
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if isinstance(module, torch.nn.Linear) or cls in ("Linear4bit", "Linear8bitLt"):
+            leaf = name.split(".")[-1]
+            if leaf not in heads:
+                names.add(leaf)
+    if not names:
+        raise SystemExit("error: --target_modules all found no linear layers in this model")
+    return sorted(names)
+
+
+def apply_lora(model, lora_args, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if lora_args.peft_path:
+        dist.print0(f"continuing LoRA adapter from {lora_args.peft_path}")
+        return PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
+    modules_to_save = [s.strip() for s in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save else None
+    config = LoraConfig(
+        task_type=task_type, r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout, target_modules=lora_target_modules(model, lora_args.target_modules),
+        modules_to_save=modules_to_save)
+    model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    dist.print0(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)")
+    return model
+
+
+def add_neftune(model, alpha: float) -> None:
+    """NEFTune (arXiv:2310.05914): uniform noise alpha/sqrt(L*d) on input embeddings while training."""
+    emb = model.get_input_embeddings()
+
+    def hook(module, inputs, output):
+        if module.training:
+            dims = output.size(1) * output.size(2)
+            mag = alpha / dims ** 0.5
+            output = output + torch.zeros_like(output).uniform_(-mag, mag)
+        return output
+
+    emb.register_forward_hook(hook)
+
+
+def count_parameters(model) -> int:
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())

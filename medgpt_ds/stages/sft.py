@@ -1,0 +1,93 @@
+"""Supervised fine-tuning: next-token loss on assistant turns of multi-turn conversations.
+
+Paper: InstructGPT, https://arxiv.org/abs/2203.02155 (the SFT step). Formats: MedicalGPT's
+sharegpt `conversations`, `messages`, alpaca. Samples are packed into rows of model_max_length
+(position_ids restart per sample, no cross-sample attention) unless --packing False.
+
+    deepspeed --num_gpus 2 launch/train.py --stage sft --model_name_or_path outputs/pt \
+        --train_file_dir data/demo/sft --template_name chatml --deepspeed ds_configs/zero2.json \
+        --output_dir outputs/sft
+"""
+from __future__ import annotations
+
+import math
+
+from transformers import set_seed
+
+from medgpt_ds import checkpoint, dist, engine as eng, loop
+from medgpt_ds.convert import write_hf_meta
+from medgpt_ds.data.loading import load_train_eval, tokenize_records
+from medgpt_ds.data.packing import PackedCollator, PaddedCollator, pack_sequences
+from medgpt_ds.data.templates import encode_conversation, get_chat_template
+from medgpt_ds.losses import causal_lm_loss
+from medgpt_ds.model import count_parameters, load_model, load_tokenizer, set_zero3_init
+
+
+def lm_loss_sum(engine, batch: dict):
+    """Summed next-token cross entropy over label tokens (the loop normalises globally)."""
+    out = engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                 position_ids=batch.get("position_ids"), use_cache=False)
+    loss, _ = causal_lm_loss(out.logits, batch["labels"], num_tokens=1.0)
+    return loss, {}
+
+
+def pack_or_pad(items: list[dict], max_len: int, packing: bool, pad_id: int, what: str):
+    """Rows of packed samples (first-fit decreasing) or single samples, and their collator."""
+    if not packing:
+        return items, PaddedCollator(pad_id)
+    rows = pack_sequences([len(x["input_ids"]) for x in items], max_len)
+    n_tok = sum(len(x["input_ids"]) for x in items)
+    dist.print0(f"{what}: packed {len(items)} samples into {len(rows)} rows of <= {max_len} tokens "
+                f"(fill {100 * n_tok / max(1, len(rows) * max_len):.1f}%)")
+    return [[items[i] for i in row] for row in rows], PackedCollator(pad_id)
+
+
+def run(cfg) -> loop.TrainState:
+    t, d = cfg.train, cfg.data
+    dist.init(t.ddp_timeout)
+    dist.announce()
+    resume = checkpoint.prepare_output_dir(cfg)
+    set_seed(t.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
+    train_recs, eval_recs, _ = load_train_eval(d, "sft", t.seed)
+
+    def encode(rec: dict):
+        return encode_conversation(tokenizer, tokenizer.chat_template, rec["messages"], d.model_max_length,
+                                   train_on_inputs=d.train_on_inputs)
+
+    key = ["sft", tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, d.model_max_length, d.train_on_inputs]
+    cache = f"{t.output_dir}/.cache/tokenized" if not cfg.model.cache_dir else f"{cfg.model.cache_dir}/tokenized"
+    train_items, counts = tokenize_records(train_recs, encode, cache_dir=cache, key=key + ["train"],
+                                           num_proc=d.preprocessing_num_workers, overwrite=d.overwrite_cache, desc="sft-train")
+    dist.print0(f"sft train: {counts['kept']} kept, {counts['truncated']} truncated to {d.model_max_length} tokens, "
+                f"{counts['dropped']} dropped (no assistant token left after truncation) of {counts['records']}")
+    eval_items = []
+    if eval_recs:
+        eval_items, ecounts = tokenize_records(eval_recs, encode, cache_dir=cache, key=key + ["eval"], desc="sft-eval")
+        dist.print0(f"sft eval: {ecounts['kept']} kept, {ecounts['dropped']} dropped of {ecounts['records']}")
+    if not train_items:
+        raise SystemExit("error: no training sample left after tokenization (all dropped); raise --model_max_length")
+    packing = d.packing is not False
+    train_items, collate = pack_or_pad(train_items, d.model_max_length, packing, tokenizer.pad_token_id, "sft train")
+
+    world = dist.world_size()
+    steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,
+                                           t.gradient_accumulation_steps, world)
+    total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
+
+    ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
+    set_zero3_init(ds_config)
+    model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config)
+    engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
+
+    def hf_meta(tag_dir: str) -> None:
+        write_hf_meta(tag_dir, engine.module, tokenizer, model_kind="causal_lm",
+                      base_model=cfg.model.model_name_or_path, torch_dtype=str(next(engine.module.parameters()).dtype))
+
+    return loop.train(cfg=cfg, engine=engine, model=model, tokenizer=tokenizer, ds_config=ds_config,
+                      train_items=train_items, eval_items=eval_items, collate=collate,
+                      eval_collate=PaddedCollator(tokenizer.pad_token_id), loss_fn=lm_loss_sum,
+                      unit_key="num_label_tokens", total_steps=total_steps, hf_meta=hf_meta,
+                      num_params=count_parameters(model), resume_dir=resume)
