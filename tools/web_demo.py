@@ -1,0 +1,95 @@
+"""A gradio web page for chatting with a trained model (answers stream in as they are generated).
+
+    python tools/web_demo.py --model_name_or_path outputs/sft/hf            # http://127.0.0.1:7860
+    python tools/web_demo.py --model_name_or_path base --adapter_name_or_path outputs/sft/lora
+
+Binds 127.0.0.1 unless --host says otherwise; never opens a public share link. Add --auth user:password
+(or MEDGPT_WEB_AUTH=user:password) before exposing it beyond this machine.
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage pings from a medical demo
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from medgpt_ds.inference import ChatModel, GenerationConfig, add_generation_args, add_model_args, generation_config
+
+
+def _text(content) -> str:
+    """Gradio history content: a string, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "")
+    if isinstance(content, list):
+        return "".join(_text(c) for c in content)
+    return ""
+
+
+def build_demo(chat: ChatModel, cfg: GenerationConfig, system_prompt: str | None = None, title: str | None = None):
+    """The gradio app: a chat box plus system prompt, max new tokens and temperature controls."""
+    import gradio as gr
+
+    def respond(message, history, system, max_new_tokens, temperature):
+        msgs = [{"role": "system", "content": system}] if system and system.strip() else []
+        msgs += [{"role": m["role"], "content": _text(m["content"])} for m in history if m.get("role") in ("user", "assistant")]
+        msgs.append({"role": "user", "content": _text(message)})
+        step = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=cfg.top_p,
+                                top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, stop=cfg.stop, seed=cfg.seed)
+        answer = ""
+        for piece in chat.stream(msgs, step):
+            answer += piece
+            yield answer
+
+    return gr.ChatInterface(
+        respond,
+        title=title or f"medgpt-ds: {chat.name}",
+        description="Answers come from a research model and are not medical advice.",
+        textbox=gr.Textbox(placeholder="Ask a medical question...", elem_id="question", scale=7),
+        additional_inputs=[
+            gr.Textbox(value=system_prompt or "", label="System prompt"),
+            gr.Slider(1, max(1, chat.max_length - 1), value=min(cfg.max_new_tokens, chat.max_length - 1), step=1,
+                      label="Max new tokens"),
+            gr.Slider(0.0, 2.0, value=cfg.temperature, step=0.05, label="Temperature (0 = greedy)"),
+        ],
+        flagging_mode="never",
+        analytics_enabled=False,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_generation_args(p)
+    g = p.add_argument_group("web")
+    g.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    g.add_argument("--port", type=int, default=7860)
+    g.add_argument("--auth", default=os.environ.get("MEDGPT_WEB_AUTH"),
+                   help="user:password required to open the page (default: $MEDGPT_WEB_AUTH)")
+    g.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    if args.model_name_or_path is None and args.adapter_name_or_path is None:
+        p.error("pass --model_name_or_path")
+    if args.auth and ":" not in args.auth:
+        p.error("--auth must be user:password")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    import gradio as gr
+
+    from medgpt_ds.inference import load_from_args
+
+    args = parse_args(argv)
+    chat = load_from_args(args)
+    demo = build_demo(chat, generation_config(args), args.system_prompt, args.title)
+    # system fonts: the default theme links web fonts, which a closed network cannot fetch
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, share=False, ssr_mode=False, theme=theme,
+        auth=tuple(args.auth.split(":", 1)) if args.auth else None, footer_links=[])
+
+
+if __name__ == "__main__":
+    main()
