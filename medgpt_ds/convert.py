@@ -7,6 +7,7 @@ DeepSpeed's own files, so DeepSpeed's ``zero_to_fp32.py`` keeps working on our c
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import gc
@@ -849,3 +850,93 @@ def verify_export(output_dir: str, tag_dir: str, *, base_model: str | None = Non
     log(f"verify: max |logits diff| {report['max_abs_diff']:.3g} (tolerance {tol:.3g}), "
         f"argmax agree on {report['argmax_agree']} prompts -> {'OK' if report['ok'] else 'FAILED'}")
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Changing topology: DeepSpeed universal checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def to_universal(checkpoint_dir: str, output_dir: str | None = None, workers: int = 1,
+                 log: Callable[[str], None] = print) -> str:
+    """Convert a ZeRO-1/2/3 tag dir into a DeepSpeed *universal* checkpoint.
+
+    Default output: ``<run_dir>/<tag>-universal`` beside the tag, with ``<run_dir>/latest_universal``
+    naming it, so an engine whose config has ``"checkpoint": {"load_universal": true}`` resumes
+    from ``<run_dir>`` at any world size and ZeRO stage (``engine.load_checkpoint(run_dir)``).
+    The tag's ``hf_meta/`` is copied along. Returns the universal folder.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag_dir = resolve_tag_dir(checkpoint_dir)
+    ckpt = ZeroCheckpoint(tag_dir)
+    if ckpt.stage == 0:
+        raise CheckpointError(f"{tag_dir} is a ZeRO-0 checkpoint: its weights and optimizer state are not "
+                              "partitioned, so it loads at any world size as it is (no conversion needed)")
+    run_dir, tag = os.path.split(os.path.normpath(tag_dir))
+    output_dir = output_dir or os.path.join(run_dir, f"{tag}-universal")
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    args = argparse.Namespace(input_folder=tag_dir, output_folder=output_dir, num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        ds_to_universal.main(args)
+    _unify_universal_optimizer_state(output_dir, ckpt)
+    # A ZeRO-3 engine looks for zero_pp_rank_0_mp_rank_00_model_states.pt, a ZeRO-1/2 engine for
+    # mp_rank_00_model_states.pt; with load_universal only their client/scheduler state is read (the
+    # weights come from zero/), so either file serves both: provide both names (stage changes).
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    have = [n for n in names if os.path.isfile(os.path.join(output_dir, n))]
+    for n in names:
+        if have and n not in have:
+            src, dst = os.path.join(output_dir, have[0]), os.path.join(output_dir, n)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+    meta_dir = os.path.join(tag_dir, META_DIR)
+    if os.path.isdir(meta_dir):
+        shutil.copytree(meta_dir, os.path.join(output_dir, META_DIR))
+    log(f"universal checkpoint of {tag_dir} (ZeRO-{ckpt.stage}, world size {ckpt.world_size}) -> {output_dir}; "
+        f"{os.path.join(os.path.dirname(output_dir), 'latest_universal')} names it")
+    return output_dir
+
+
+def _unify_universal_optimizer_state(universal_dir: str, ckpt: ZeroCheckpoint) -> None:
+    """ds_to_universal writes zero/optimizer_state.pt in the layout of the *source* stage's loader.
+    Give it what both loaders read so a ZeRO-1/2 checkpoint resumes under ZeRO-3 and back: the ZeRO-3
+    loader wants ``optimizer_state_dict.state[0].step``, the ZeRO-1/2 loader ``ds_version`` and a
+    per-parameter ``step.pt``. Partition-sized tensors (rank 0's flat groups) are dropped: unused."""
+    zero_dir = os.path.join(universal_dir, "zero")
+    path = os.path.join(zero_dir, "optimizer_state.pt")
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    sd.setdefault("ds_version", ckpt.ds_version)
+    sd.pop("fp32_flat_groups", None)
+    step = None
+    inner = sd.get("optimizer_state_dict")
+    if isinstance(inner, dict) and inner.get("state"):
+        step = next(iter(inner["state"].values())).get("step")
+    params = [d for d in os.listdir(zero_dir) if os.path.isdir(os.path.join(zero_dir, d))]
+    if step is None:
+        for d in params:
+            f = os.path.join(zero_dir, d, "step.pt")
+            if os.path.isfile(f):
+                step = torch.load(f, weights_only=False)
+                break
+    if step is None:
+        raise CheckpointError(f"{universal_dir}: no optimizer step found (was the checkpoint saved before any step?)")
+    sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
+    torch.save(sd, path)
+    for d in params:
+        f = os.path.join(zero_dir, d, "step.pt")
+        if not os.path.isfile(f) and os.path.isfile(os.path.join(zero_dir, d, "exp_avg.pt")):
+            torch.save(step, f)
+        # ZeRO-3 sources store flat tensors, the ZeRO-1/2 loader wants {"param": full-shape tensor}.
+        for state in ("fp32", "exp_avg", "exp_avg_sq"):
+            f = os.path.join(zero_dir, d, f"{state}.pt")
+            if os.path.isfile(f):
+                t = torch.load(f, map_location="cpu", weights_only=False)
+                if torch.is_tensor(t):
+                    shape = ckpt.shape(d) if d in ckpt.sources or d in ckpt.aliases else t.shape
+                    torch.save({"param": t.reshape(shape), "cat_dim": 0}, f)

@@ -153,7 +153,7 @@ def resume_case(name: str, case: dict, root: str, tok) -> None:
     cfg["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=cfg)
-    load_path, client = engine.load_checkpoint(case_dir, tag="universal")
+    load_path, client = engine.load_checkpoint(case_dir)  # latest_universal
     assert load_path is not None, f"nothing loaded from {case_dir}"
     vocab = len(tok)
     result = {"loaded_logits": outputs(engine, case["kind"], probe_ids(vocab)),

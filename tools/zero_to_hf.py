@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""DeepSpeed checkpoint (any ZeRO stage, any world size) -> a Hugging Face model folder.
+
+    python tools/zero_to_hf.py --checkpoint_dir outputs/sft/checkpoint-200 --output_dir hf/sft
+    python tools/zero_to_hf.py --checkpoint_dir outputs/sft --output_dir hf/sft   # uses `latest`
+    python tools/zero_to_hf.py --checkpoint_dir outputs/sft-lora --output_dir hf/sft-merged --merge_lora --verify
+
+Full models -> sharded model*.safetensors (+ index), config.json, generation_config.json and the
+tokenizer with its chat template. LoRA runs -> a PEFT adapter (PeftModel.from_pretrained(base, dir))
+or, with --merge_lora, full merged weights. Reward/value models keep their score head. Weights are
+written one shard at a time: peak memory stays near one shard (--max_shard_size) plus overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint_dir", required=True,
+                    help="a tag dir (output_dir/checkpoint-N) or the run's output_dir (then `latest` is used)")
+    ap.add_argument("--output_dir", required=True, help="where the Hugging Face model is written")
+    ap.add_argument("--base_model", default=None,
+                    help="base model path: recorded in adapter_config.json and checked against the adapter; "
+                         "default: the base recorded in the checkpoint. Required for checkpoints without hf_meta/")
+    ap.add_argument("--merge_lora", action="store_true", help="merge a LoRA adapter into full weights")
+    ap.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the training dtype)")
+    ap.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    ap.add_argument("--model_kind", default=None, choices=["causal_lm", "reward", "value"],
+                    help="override the kind recorded in the checkpoint (needed without hf_meta/ for reward models)")
+    ap.add_argument("--verify", action="store_true",
+                    help="load the export with transformers and compare logits with the checkpoint's weights")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from medgpt_ds.convert import CheckpointError, canonical_dtype, export_checkpoint
+
+    t0 = time.time()
+    try:
+        if args.dtype is not None:
+            canonical_dtype(args.dtype)  # fail before touching the checkpoint
+        result = export_checkpoint(args.checkpoint_dir, args.output_dir, base_model=args.base_model,
+                                   merge_lora=args.merge_lora, dtype=args.dtype,
+                                   max_shard_size=args.max_shard_size, model_kind=args.model_kind,
+                                   verify=args.verify)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.kind} model ({result.num_params / 1e6:.2f}M params, {result.num_tensors} tensors, "
+          f"{result.dtype}, {len(result.files)} file(s)) to {result.output_dir} in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

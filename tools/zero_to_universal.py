@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Make a DeepSpeed checkpoint resumable at another world size or ZeRO stage (universal checkpoint).
+
+    python tools/zero_to_universal.py --checkpoint_dir outputs/sft/checkpoint-200
+    # -> outputs/sft/checkpoint-200-universal and outputs/sft/latest_universal
+
+Then resume with the trainer's --load_universal (DeepSpeed config `"checkpoint": {"load_universal": true}`)
+from outputs/sft, with any number of ranks and ZeRO-1/2/3: parameters, fp32 master weights and Adam
+moments are re-partitioned. ZeRO-0 checkpoints need no conversion.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--checkpoint_dir", required=True, help="tag dir (output_dir/checkpoint-N) or output_dir (uses `latest`)")
+    ap.add_argument("--output_dir", default=None, help="default: <output_dir>/<tag>-universal")
+    ap.add_argument("--workers", type=int, default=1, help="parallel extract/merge processes")
+    args = ap.parse_args(argv)
+    from medgpt_ds.convert import CheckpointError, to_universal
+
+    try:
+        to_universal(args.checkpoint_dir, args.output_dir, workers=args.workers)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
