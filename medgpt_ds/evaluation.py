@@ -272,13 +272,13 @@ def _plot(rows: list[tuple], path: str) -> str | None:
         return None
     acc = [(f"{t}\n{os.path.basename(f)}", v) for t, f, m, v, _ in rows if m == "accuracy"]
     ppl = [(os.path.basename(f), v) for t, f, m, v, _ in rows if m == "perplexity"]
-    panels = [p for p in ((acc, "accuracy", (0, 1)), (ppl, "perplexity", None)) if p[0]]
+    panels = [p for p in ((acc, "accuracy", (0, 1), "%.3f"), (ppl, "perplexity", None, "%.4g")) if p[0]]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-    for ax, (data, label, ylim) in zip(axes[0], panels):
+    for ax, (data, label, ylim, fmt) in zip(axes[0], panels):
         bars = ax.bar([d[0] for d in data], [d[1] for d in data], color="#4c72b0")
-        ax.bar_label(bars, fmt="%.3f")
+        ax.bar_label(bars, fmt=fmt)
         ax.set_ylabel(label)
         if ylim:
             ax.set_ylim(*ylim)

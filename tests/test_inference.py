@@ -110,6 +110,15 @@ def test_render_uses_the_training_template_and_encodes_user_control_tokens_as_te
 
 
 @pytest.mark.unit
+def test_prompt_ids_equal_the_training_encoding(chat):
+    from medgpt_ds.data.templates import encode_prompt
+
+    for msgs in (user("What causes a fever?"), [{"role": "system", "content": "Be brief."}, *user("发热咳嗽怎么办？"),
+                                                {"role": "assistant", "content": "Rest."}, *user("And a cough?")]):
+        assert chat.encode(msgs) == encode_prompt(chat.tokenizer, chat.tokenizer.chat_template, msgs)
+
+
+@pytest.mark.unit
 def test_generate_batch_greedy_exact_answers_and_usage(chat):
     from medgpt_ds.inference import GenerationConfig
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +175,28 @@ def test_secure_defaults(monkeypatch):
     assert args.host == "127.0.0.1" and args.trust_remote_code is False and args.api_key is None
     assert serve._is_loopback("127.0.0.1") and serve._is_loopback("::1") and serve._is_loopback("localhost")
     assert not serve._is_loopback("0.0.0.0")
+
+
+@pytest.mark.unit
+def test_vllm_script_dry_run(model_dir, tmp_path):  # noqa: F811
+    """tools/vllm_serve.sh without vLLM: the command it would run, and the stop ids it hands vLLM."""
+    import json
+
+    script = ROOT / "tools/vllm_serve.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "PORT": "8123",
+           "MEDGPT_API_KEY": "k"}
+    res = subprocess.run(["bash", str(script), str(model_dir), "--max-num-seqs", "4"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    cmd = res.stdout.split()
+    assert cmd[:3] == ["vllm", "serve", str(model_dir)]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8123"
+    assert cmd[-2:] == ["--max-num-seqs", "4"] and "k" not in cmd  # the key travels in VLLM_API_KEY
+    gen = json.loads((Path(cmd[cmd.index("--generation-config") + 1]) / "generation_config.json").read_text())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
+    res = subprocess.run(["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True)
+    assert res.returncode == 1 and "no config.json" in res.stderr
