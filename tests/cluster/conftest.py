@@ -48,8 +48,21 @@ def slurm_cluster():
     try:
         cluster.start()
     except Exception as e:
-        logs = cluster.logs()
-        cluster.stop()
-        pytest.fail(f"could not start the test SLURM cluster: {e}\n{logs}")
+        pytest.fail(f"could not start the test SLURM cluster: {e}\n{cluster.failure_logs}")
     yield cluster
     cluster.stop()
+
+
+def submit(cluster: SlurmCluster, template: str, tmp_path: Path, env: dict[str, str], *sbatch_args: str) -> tuple[int, Path]:
+    """sbatch a project template from the repo root with `env`; returns (job id, its output file)."""
+    log = tmp_path / "job-%j.out"
+    job = cluster.sbatch(str(REPO / template), f"--output={log}", *sbatch_args, env=env, cwd=str(REPO))
+    return job, tmp_path / f"job-{job}.out"
+
+
+def run_template(cluster: SlurmCluster, template: str, tmp_path: Path, env: dict[str, str], *sbatch_args: str,
+                 timeout: float = 240) -> tuple[dict, str]:
+    """Submit, wait for the end; returns (final `scontrol show job` record, the job's output)."""
+    job, log = submit(cluster, template, tmp_path, env, *sbatch_args)
+    info = cluster.wait_job(job, timeout)
+    return info, log.read_text(errors="replace") if log.exists() else ""

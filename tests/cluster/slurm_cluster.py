@@ -75,6 +75,7 @@ class SlurmCluster:
         self.holders: list[subprocess.Popen] = []
         self.daemons: dict[str, subprocess.Popen] = {}
         self.ifname = "eth0"
+        self.failure_logs = ""
 
     # ------------------------------------------------------------------ hosts
     def _start_hosts(self):
@@ -129,7 +130,7 @@ class SlurmCluster:
         key.chmod(0o400)
         shutil.chown(mdir, "munge", "munge")
         shutil.chown(key, "munge", "munge")
-        cmd = ["setpriv", "--reuid=munge", "--regid=munge", "--clear-groups", "munged", "-F",
+        cmd = ["setpriv", "--reuid=munge", "--regid=munge", "--clear-groups", "--pdeathsig=KILL", "munged", "-F",
                f"--socket={self.munge_socket}", f"--key-file={key}", f"--log-file={mdir / 'munged.log'}",
                f"--pid-file={mdir / 'munged.pid'}", f"--seed-file={mdir / 'munged.seed'}"]
         self._daemon("munged", cmd)
@@ -195,6 +196,15 @@ GresTypes=gpu
         (self.root / f"{name}.daemon.pid").write_text(str(p.pid))
 
     def start(self) -> "SlurmCluster":
+        """Bring up hosts, munged, slurmctld, both slurmds; on any failure stop what started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.failure_logs = self.logs()
+            self.stop()
+            raise
+
+    def _start(self) -> "SlurmCluster":
         (self.root / "owner.pid").write_text(str(os.getpid()))
         self._start_hosts()
         self._start_munge()
@@ -275,8 +285,6 @@ GresTypes=gpu
                 self.cancel_all()
             except Exception:
                 pass
-        for name in sorted(self.daemons, key=lambda n: n != "munged"):  # munged last
-            pass
         order = [n for n in self.daemons if n.startswith("slurmd-")] + ["slurmctld", "munged"]
         for name in order:
             p = self.daemons.get(name)
