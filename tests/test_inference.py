@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -220,21 +219,35 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _chat_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chat_cli", ROOT / "tools/chat.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.mark.smoke
-def test_chat_cli_batch_mode(tmp_path, model_dir, adapter_dir):
+def test_chat_cli_batch_mode_and_one_prompt(tmp_path, model_dir, adapter_dir, capsys):
+    cli = _chat_cli()
     rows = [{"question": "What is a fever?", "id": 1}, {"messages": user("hi")}, {"prompt": "Explain anemia."}]
     src, dst = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cmd = [sys.executable, str(ROOT / "tools/chat.py"), "--model_name_or_path", str(model_dir),
-           "--input_file", str(src), "--output_file", str(dst), "--batch_size", "2", "--max_new_tokens", "8"]
-    subprocess.run(cmd, check=True, env=_env(), timeout=300)
+    cli.main(["--model_name_or_path", str(model_dir), "--input_file", str(src), "--output_file", str(dst),
+              "--batch_size", "2", "--max_new_tokens", "8"])
     out = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
     assert out == [{**r, "response": ANSWER} for r in rows]
     # the same through the adapter, answers to stdout
-    cmd = [sys.executable, str(ROOT / "tools/chat.py"), "--model_name_or_path", str(model_dir),
-           "--adapter_name_or_path", str(adapter_dir), "--input_file", str(src)]
-    res = subprocess.run(cmd, check=True, env=_env(), timeout=300, capture_output=True, text=True)
-    assert [json.loads(line)["response"] for line in res.stdout.splitlines()] == ["B"] * 3
+    capsys.readouterr()
+    cli.main(["--model_name_or_path", str(model_dir), "--adapter_name_or_path", str(adapter_dir), "--input_file", str(src)])
+    assert [json.loads(line)["response"] for line in capsys.readouterr().out.splitlines()] == ["B"] * 3
+    # one question on the command line, as the README demo asks it
+    cli.main(["--model_name_or_path", str(model_dir), "--prompt", "What are the symptoms of influenza?"])
+    assert capsys.readouterr().out.splitlines() == ["User: What are the symptoms of influenza?", f"Assistant: {ANSWER}"]
+    with pytest.raises(ValueError, match="q.jsonl:2: invalid JSON"):
+        src.write_text('{"question": "ok"}\n{oops\n', encoding="utf-8")
+        cli.main(["--model_name_or_path", str(model_dir), "--input_file", str(src)])
 
 
 @pytest.mark.smoke

@@ -2,6 +2,8 @@
 
     # interactive (commands: /clear resets the conversation, /exit or Ctrl-D quits)
     python tools/chat.py --model_name_or_path outputs/sft/hf
+    # one question, answer streamed, then exit
+    python tools/chat.py --model_name_or_path outputs/sft/hf --prompt "What are the symptoms of influenza?"
     python tools/chat.py --model_name_or_path Qwen/Qwen2.5-0.5B --adapter_name_or_path outputs/sft/lora
 
     # batch: one chat per jsonl row (messages / conversations / prompt / question / instruction),
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_generation_args(p)
+    p.add_argument("--prompt", help="ask this one question (answer streamed to stdout) and exit")
     g = p.add_argument_group("batch mode")
     g.add_argument("--input_file", help="jsonl of prompts; without it the chat is interactive")
     g.add_argument("--output_file", help="jsonl of answers (default: stdout)")
@@ -45,9 +48,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.output_file and not args.input_file:
         p.error("--output_file needs --input_file")
+    if args.prompt is not None and args.input_file:
+        p.error("--prompt and --input_file exclude each other")
     if args.model_name_or_path is None and args.adapter_name_or_path is None:
         p.error("pass --model_name_or_path")
     return args
+
+
+def answer(chat, cfg, history: list[dict[str, str]]) -> str:
+    """Stream one answer to stdout after "Assistant: "; Ctrl-C stops it and keeps what was said."""
+    print("Assistant: ", end="", flush=True)
+    text = ""
+    try:
+        for piece in chat.stream(history, cfg):
+            text += piece
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        print(" [interrupted]", end="")
+    print(flush=True)
+    return text
 
 
 def interactive(chat, cfg, system_prompt: str | None) -> None:
@@ -68,16 +87,7 @@ def interactive(chat, cfg, system_prompt: str | None) -> None:
             print("(conversation cleared)", flush=True)
             continue
         history.append({"role": "user", "content": query})
-        print("Assistant: ", end="", flush=True)
-        answer = ""
-        try:
-            for piece in chat.stream(history, cfg):
-                answer += piece
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:  # stop this answer, keep the conversation
-            print(" [interrupted]", end="")
-        print(flush=True)
-        history.append({"role": "assistant", "content": answer})
+        history.append({"role": "assistant", "content": answer(chat, cfg, history)})
 
 
 def batch(chat, cfg, args) -> None:
@@ -97,11 +107,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     _, world = init_ranks()
     if args.input_file is None and world > 1:
-        raise SystemExit("interactive chat runs on one rank; launch several ranks only with --input_file")
+        raise SystemExit("interactive chat and --prompt run on one rank; launch several ranks only with --input_file")
     chat = load_from_args(args)
     cfg = generation_config(args)
     if args.input_file:
         batch(chat, cfg, args)
+    elif args.prompt is not None:
+        history = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        print(f"User: {args.prompt}", flush=True)
+        answer(chat, cfg, [*history, {"role": "user", "content": args.prompt}])
     else:
         interactive(chat, cfg, args.system_prompt)
 
