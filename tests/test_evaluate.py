@@ -293,3 +293,26 @@ def test_two_ranks_match_one_rank(model_dir, rm_dir, tmp_path, monkeypatch):  # 
     assert rep2["perplexity"][0]["tokens"] == rep1["perplexity"][0]["tokens"]
     assert rep2["perplexity"][0]["perplexity"] == pytest.approx(rep1["perplexity"][0]["perplexity"], rel=1e-6)
     assert rep2["samples"] == rep1["samples"]
+
+
+MEDICALGPT = ROOT.parent / "shared/data/medicalgpt"
+
+
+@pytest.mark.smoke
+def test_evaluate_on_medicalgpt_sample_files(model_dir, rm_dir, tmp_path, monkeypatch):  # noqa: F811
+    """MedicalGPT's own file formats go through every evaluation (Chinese text, sharegpt pairs)."""
+    if not MEDICALGPT.is_dir():
+        pytest.skip(f"{MEDICALGPT} absent (sample data lives beside the checkout in CI)")
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import evaluate
+
+    argv = ["--model_name_or_path", str(model_dir), "--reward_model_name_or_path", str(rm_dir),
+            "--output_dir", str(tmp_path / "eval"), "--max_samples", "12", "--num_samples", "3", "--max_new_tokens", "8",
+            "--ppl_files", str(MEDICALGPT / "pretrain/fever.txt"), "--preference_files", str(MEDICALGPT / "reward"),
+            "--prompt_files", str(MEDICALGPT / "grpo/sample.jsonl"), "--max_length", "128"]
+    report = evaluate.main(argv)
+    assert report["perplexity"][0]["documents"] == 12 and report["perplexity"][0]["tokens"] > 12
+    rm = report["reward_pairwise"][0]
+    assert rm["total"] == 12 and 0.0 <= rm["accuracy"] <= 1.0
+    assert [s["response"] for s in report["samples"]] == [ANSWER] * 3
+    assert report["samples"][0]["prompt"] == "肛门病变可能是什么疾病的症状?"

@@ -200,3 +200,18 @@ def test_vllm_script_dry_run(model_dir, tmp_path):  # noqa: F811
     assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
     res = subprocess.run(["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True)
     assert res.returncode == 1 and "no config.json" in res.stderr
+
+
+@pytest.mark.smoke
+def test_concurrent_requests_are_all_answered(client):
+    """Generation is serialised inside the server; simultaneous clients all get whole answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(i: int) -> str:
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(model="tiny", messages=q(f"q{i}"), stream=True) if c.choices)
+        return client.chat.completions.create(model="tiny", messages=q(f"q{i}")).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, range(6))) == [ANSWER] * 6
