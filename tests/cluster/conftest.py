@@ -66,3 +66,52 @@ def run_template(cluster: SlurmCluster, template: str, tmp_path: Path, env: dict
     job, log = submit(cluster, template, tmp_path, env, *sbatch_args)
     info = cluster.wait_job(job, timeout)
     return info, log.read_text(errors="replace") if log.exists() else ""
+
+
+_WORDS = ("fever cough headache patient doctor infection virus treatment dose tablet blood pressure heart "
+          "lung liver kidney pain chronic acute symptom diagnosis rest water sleep the a of and to is").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """A saved tiny Llama + BPE tokenizer (ChatML template), sft and preference jsonl, a ZeRO-3
+    config that shards even tiny parameters. Built here so the cluster tests depend on no demo file."""
+    import json
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medgpt_ds.data.templates import TEMPLATES
+    from medgpt_ds.tokenizer import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("cluster_assets")
+    rng = random.Random(0)
+
+    def sentence(n):
+        return " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + "."
+
+    model_dir = root / "tiny"
+    tok = train_bpe_tokenizer(texts=[sentence(rng.randint(4, 14)) for _ in range(1500)], vocab_size=400,
+                              output_dir=str(model_dir), chat_template=TEMPLATES["chatml"])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+
+    sft, pref = root / "sft", root / "pref"
+    sft.mkdir()
+    pref.mkdir()
+    with open(sft / "train.jsonl", "w") as f:
+        for _ in range(64):
+            conv = [{"from": "human", "value": sentence(6)}, {"from": "gpt", "value": sentence(10)}]
+            f.write(json.dumps({"conversations": conv}) + "\n")
+    with open(pref / "train.jsonl", "w") as f:
+        for _ in range(64):
+            f.write(json.dumps({"conversations": [{"from": "human", "value": sentence(6)}],
+                                "chosen": sentence(8), "rejected": sentence(5)}) + "\n")
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (root / "zero3.json").write_text(json.dumps(ds, indent=2))
+    return {"model": str(model_dir), "sft": str(sft), "pref": str(pref), "zero3": str(root / "zero3.json")}
