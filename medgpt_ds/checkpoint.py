@@ -189,7 +189,9 @@ def prepare_output_dir(cfg) -> Optional[str]:
     if t.resume_from_checkpoint == "auto" and resume is None:
         dist.print0(f"--resume_from_checkpoint auto: no complete checkpoint in {t.output_dir}, starting fresh")
     if dist.is_main():
-        existing = [d for d in os.listdir(t.output_dir) if d not in ("logs",)] if os.path.isdir(t.output_dir) else []
+        # a run that failed on bad input leaves only its manifest: that must not block the re-run
+        manifest = ("logs", ".cache", "run_config.json", "versions.json", "ds_config.json")
+        existing = [d for d in os.listdir(t.output_dir) if d not in manifest] if os.path.isdir(t.output_dir) else []
         if existing and resume is None:
             if not t.overwrite_output_dir and t.resume_from_checkpoint != "auto":
                 raise SystemExit(f"error: output_dir {t.output_dir} is not empty; pass --overwrite_output_dir to "

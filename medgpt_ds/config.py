@@ -308,6 +308,9 @@ def _cross_checks(cfg: RunConfig) -> None:
         raise SystemExit("error: give either --model_name_or_path (pretrained) or --model_config (from scratch), not both")
     if t.stage in ("pt", "sft", "rm", "dpo", "orpo") and not (m.model_name_or_path or m.model_config):
         raise SystemExit("error: --model_name_or_path (or --model_config for random init) is required")
+    if m.model_config and lora.use_peft:
+        raise SystemExit("error: --use_peft trains an adapter on pretrained weights; with --model_config (random init) "
+                         "train all weights, or save the model first and pass it as --model_name_or_path")
     if m.model_config and not (m.tokenizer_name_or_path or m.model_name_or_path):
         raise SystemExit("error: --model_config needs --tokenizer_name_or_path (train one with tools/train_tokenizer.py)")
     for flag in ("model_name_or_path", "tokenizer_name_or_path"):

@@ -52,3 +52,31 @@ def tiny_llama():
         return LlamaForCausalLM(config).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer_dir(tmp_path_factory):
+    """A BPE tokenizer trained on the bundled demo corpus, saved (path), with ChatML template."""
+    import os
+
+    from medgpt_ds.data.templates import TEMPLATES
+    from medgpt_ds.tokenizer import train_bpe_tokenizer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path_factory.mktemp("demo_tok"))
+    train_bpe_tokenizer(files=[os.path.join(root, "data", "demo", "pretrain", "medical_notes.txt")],
+                        vocab_size=600, output_dir=out, chat_template=TEMPLATES["chatml"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory, demo_tokenizer_dir, tiny_llama):
+    """A saved tiny Llama (random init, hidden 32) + the demo tokenizer: a `--model_name_or_path`."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
+    out = str(tmp_path_factory.mktemp("tiny_base"))
+    model = tiny_llama(len(tok), seed=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
