@@ -3,7 +3,7 @@ training chat template, generate (batched or streamed) with stop strings, and sp
 across ranks when launched by torchrun / deepspeed.
 
     from medgpt_ds.inference import ChatModel
-    chat = ChatModel.load("outputs/sft-hf")            # or adapter="outputs/sft-lora"
+    chat = ChatModel.load("outputs/sft")            # or a LoRA adapter dir: ChatModel.load("outputs/sft_lora")
     print(chat.generate([[{"role": "user", "content": "What causes anemia?"}]])[0].text)
 
 Used by tools/chat.py, tools/serve.py, tools/web_demo.py and tools/evaluate.py.

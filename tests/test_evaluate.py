@@ -316,3 +316,16 @@ def test_evaluate_on_medicalgpt_sample_files(model_dir, rm_dir, tmp_path, monkey
     assert rm["total"] == 12 and 0.0 <= rm["accuracy"] <= 1.0
     assert [s["response"] for s in report["samples"]] == [ANSWER] * 3
     assert report["samples"][0]["prompt"] == "肛门病变可能是什么疾病的症状?"
+
+
+@pytest.mark.unit
+def test_cli_flags_accept_the_deepspeed_launcher_local_rank(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import chat
+    import evaluate
+
+    args = evaluate.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--mc_files", "x.jsonl", "--local_rank=1"])
+    assert args.local_rank == 1 and args.trust_remote_code is False
+    assert chat.parse_args(["--model_name_or_path", "m", "--input_file", "q.jsonl", "--local_rank=0"]).local_rank == 0
+    with pytest.raises(SystemExit):  # a reward file without a reward model is a usage error
+        evaluate.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--preference_files", "p.jsonl"])

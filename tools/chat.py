@@ -1,14 +1,14 @@
 """Talk to a trained model: interactive multi-turn chat with streamed tokens, or batch inference.
 
     # interactive (commands: /clear resets the conversation, /exit or Ctrl-D quits)
-    python tools/chat.py --model_name_or_path outputs/sft/hf
+    python tools/chat.py --model_name_or_path outputs/sft
     # one question, answer streamed, then exit
-    python tools/chat.py --model_name_or_path outputs/sft/hf --prompt "What are the symptoms of influenza?"
-    python tools/chat.py --model_name_or_path Qwen/Qwen2.5-0.5B --adapter_name_or_path outputs/sft/lora
+    python tools/chat.py --model_name_or_path outputs/sft --prompt "What are the symptoms of influenza?"
+    python tools/chat.py --model_name_or_path Qwen/Qwen2.5-0.5B --adapter_name_or_path outputs/sft_lora
 
     # batch: one chat per jsonl row (messages / conversations / prompt / question / instruction),
     # answers written in input order as the row plus "response"
-    python tools/chat.py --model_name_or_path outputs/sft/hf --input_file q.jsonl --output_file a.jsonl
+    python tools/chat.py --model_name_or_path outputs/sft --input_file q.jsonl --output_file a.jsonl
     torchrun --nproc_per_node 8 tools/chat.py ... --input_file q.jsonl --output_file a.jsonl   # split over ranks
 
 The prompt is rendered with the tokenizer's chat template (the one training exported), so the model

@@ -1,9 +1,9 @@
-"""Evaluate a trained model: perplexity, multiple-choice accuracy, reward-model pairwise accuracy and
+r"""Evaluate a trained model: perplexity, multiple-choice accuracy, reward-model pairwise accuracy and
 generation samples, written as report.json + report.md (+ report.png with matplotlib).
 
-    python tools/evaluate.py --model_name_or_path outputs/sft/hf --output_dir outputs/eval \
+    python tools/evaluate.py --model_name_or_path outputs/sft --output_dir outputs/eval \
         --ppl_files data/demo/pretrain --mc_files cmexam_dev.jsonl --prompt_files data/demo/grpo
-    python tools/evaluate.py --reward_model_name_or_path outputs/rm/hf --preference_files data/demo/reward \
+    python tools/evaluate.py --reward_model_name_or_path outputs/rm --preference_files data/demo/reward \
         --output_dir outputs/eval_rm
     torchrun --nproc_per_node 8 tools/evaluate.py ...        # or: deepspeed --num_gpus 8 tools/evaluate.py ...
 

@@ -1,10 +1,10 @@
 """OpenAI-compatible HTTP server for a trained model (FastAPI + uvicorn).
 
-    MEDGPT_API_KEY=secret python tools/serve.py --model_name_or_path outputs/sft/hf --port 8000
+    MEDGPT_API_KEY=secret python tools/serve.py --model_name_or_path outputs/sft --port 8000
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
-    client.chat.completions.create(model="hf", messages=[{"role": "user", "content": "..."}], stream=True)
+    client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "..."}], stream=True)
 
 Endpoints: POST /v1/chat/completions (streaming SSE or not), GET /v1/models, GET /health (no key).
 Binds 127.0.0.1 unless --host says otherwise. With --api_key (or MEDGPT_API_KEY) every /v1 request

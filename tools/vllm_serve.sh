@@ -3,13 +3,13 @@
 # KV cache, tensor parallel): the high-throughput alternative to tools/serve.py.
 #
 # vLLM is an optional dependency (pip install vllm; needs a CUDA GPU); nothing else in medgpt-ds
-# uses it. A LoRA run must be merged first:
-#     python tools/merge_lora.py ... --output_dir outputs/sft/merged
+# uses it. A LoRA run must be merged first, e.g. from its DeepSpeed checkpoint:
+#     python tools/zero_to_hf.py --checkpoint_dir outputs/sft_lora --output_dir outputs/sft_merged --merge_lora
 #
 # Usage:
-#     MEDGPT_API_KEY=secret bash tools/vllm_serve.sh outputs/sft/merged [extra `vllm serve` flags]
-#     TP=4 PORT=8001 bash tools/vllm_serve.sh outputs/sft_70b/merged --max-num-seqs 64
-#     DRY_RUN=1 bash tools/vllm_serve.sh outputs/sft/merged     # print the command, start nothing
+#     MEDGPT_API_KEY=secret bash tools/vllm_serve.sh outputs/sft_merged [extra `vllm serve` flags]
+#     TP=4 PORT=8001 bash tools/vllm_serve.sh outputs/sft_70b_merged --max-num-seqs 64
+#     DRY_RUN=1 bash tools/vllm_serve.sh outputs/sft_merged     # print the command, start nothing
 # Environment: HOST (127.0.0.1), PORT (8000), TP (tensor-parallel size, 1), DTYPE (auto),
 #     SERVED_MODEL_NAME (the dir's name), MAX_MODEL_LEN (the model's), MEDGPT_API_KEY (none),
 #     PYTHON (python).
@@ -34,7 +34,7 @@ PYTHON=${PYTHON:-python}
 
 if [[ ! -f "$MODEL/config.json" ]]; then
     if [[ -f "$MODEL/adapter_config.json" ]]; then
-        echo "error: $MODEL is a LoRA adapter; merge it first (python tools/merge_lora.py) and serve the merged dir" >&2
+        echo "error: $MODEL is a LoRA adapter; merge it first (tools/zero_to_hf.py --merge_lora, or tools/merge_lora.py) and serve the merged dir" >&2
     else
         echo "error: $MODEL has no config.json: pass a merged HF model dir (tools/zero_to_hf.py / tools/merge_lora.py output)" >&2
     fi

@@ -1,7 +1,7 @@
 """A gradio web page for chatting with a trained model (answers stream in as they are generated).
 
-    python tools/web_demo.py --model_name_or_path outputs/sft/hf            # http://127.0.0.1:7860
-    python tools/web_demo.py --model_name_or_path base --adapter_name_or_path outputs/sft/lora
+    python tools/web_demo.py --model_name_or_path outputs/sft            # http://127.0.0.1:7860
+    python tools/web_demo.py --model_name_or_path base --adapter_name_or_path outputs/sft_lora
 
 Binds 127.0.0.1 unless --host says otherwise; never opens a public share link. Add --auth user:password
 (or MEDGPT_WEB_AUTH=user:password) before exposing it beyond this machine.
