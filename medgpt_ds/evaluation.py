@@ -164,25 +164,29 @@ def multiple_choice(chat: ChatModel, records: Sequence[dict[str, Any]], batch_si
 
 @torch.no_grad()
 def _rewards(model, rows: list[list[int]], pad_id: int) -> list[float]:
-    """Scalar reward at each row's last token. Uses the score head on the hidden states so padding
-    never moves the read position (HF's own pooling looks for the pad id, which may equal eos)."""
+    """Scalar reward of each row, read where transformers' sequence classifiers (and so reward-model
+    training) read it: the last token that is not the config's pad id. Computed from the hidden
+    states with the score head, so right padding added here never moves the read position."""
     dev = next(model.parameters()).device
     head = getattr(model, "score", None)
     if head is None:  # other heads: one unpadded row at a time
         return [float(model(input_ids=torch.tensor([r], device=dev)).logits[0, 0]) for r in rows]
+    cfg_pad = model.config.pad_token_id
+    last = [max((j for j, t in enumerate(r) if t != cfg_pad), default=len(r) - 1) for r in rows]
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=dev)  # (B, T)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=dev)
     hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
-    last = torch.tensor([len(r) - 1 for r in rows], device=dev)
-    return head(hidden[torch.arange(len(rows), device=dev), last]).float()[:, 0].tolist()
+    at = hidden[torch.arange(len(rows), device=dev), torch.tensor(last, device=dev)]  # (B, H)
+    return head(at).float()[:, 0].tolist()
 
 
 def reward_pairwise(model, tokenizer, chat_template: str, records: Sequence[dict[str, Any]], batch_size: int = 8,
                     max_length: int = 1024) -> dict | None:
     """Share of preference pairs whose chosen reply gets the higher reward (ties count as wrong).
     Pairs are tokenized as reward-model training does (templates.encode_preference: prompt + reply
-    with its end-of-turn marker; the prompt cut from the left to fit `max_length`)."""
+    with its end-of-turn marker; the prompt cut from the left to fit `max_length`) and scored at the
+    same token (see _rewards)."""
     from medgpt_ds.data.templates import encode_preference
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

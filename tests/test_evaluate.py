@@ -202,6 +202,11 @@ def test_reward_pairwise_on_a_hand_built_reward_model(rm_dir, tmp_path):
         theirs = [float(model(input_ids=torch.tensor([r])).logits[0, 0]) for r in rows]
     assert ours == pytest.approx(theirs, abs=1e-6)
     assert ours[0] > 0 > ours[1] and ours[2] == pytest.approx(0.0, abs=1e-6)
+    # a row ending in the pad id (pad == eos templates) is read where transformers reads it, before the pads
+    model.config.pad_token_id = rows[0][-1]
+    with torch.no_grad():
+        theirs = [float(model(input_ids=torch.tensor([r])).logits[0, 0]) for r in rows]
+    assert _rewards(model, rows, tok.pad_token_id) == pytest.approx(theirs, abs=1e-6)
 
 
 def _files(tmp_path: Path) -> dict[str, Path]:
