@@ -19,6 +19,7 @@ from tests.test_inference import ANSWER, ROOT, model_dir  # noqa: F401 - model_d
 openai = pytest.importorskip("openai", reason="openai not installed (pip install openai)")
 httpx = pytest.importorskip("httpx", reason="httpx not installed")
 pytest.importorskip("fastapi", reason="fastapi not installed (pip install fastapi uvicorn)")
+pytest.importorskip("uvicorn", reason="uvicorn not installed (pip install uvicorn)")
 
 KEY = "test-key-123"
 CAP = 64
