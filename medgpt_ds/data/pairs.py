@@ -1,0 +1,103 @@
+"""Preference pairs for rm / dpo / orpo: tokenized items with order-independent ids, and the
+collator that puts the chosen and the rejected answer of every pair into ONE forward.
+
+Layout of a batch of B pairs: a (2B, T) batch, rows 0..B-1 = prompt + chosen, rows B..2B-1 =
+prompt + rejected, right-padded, with an attention_mask. Each row is its own sequence, so chosen
+and rejected never attend to each other, and every attention backend (eager, sdpa, flash-attn
+with a mask) handles it. Labels are -100 on the prompt and on padding.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from medgpt_ds import dist
+from medgpt_ds.data.templates import encode_preference
+from medgpt_ds.logprobs import IGNORE_INDEX, token_logprobs
+
+
+def pair_id(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int]) -> str:
+    """Content hash of the tokenized pair: the key of cached reference log-probs. It does not
+    depend on file order, shuffling, rank or epoch, and changes whenever truncation does."""
+    blob = json.dumps([prompt_ids, chosen_ids, rejected_ids], separators=(",", ":")).encode()
+    return hashlib.sha1(blob).hexdigest()[:20]
+
+
+def encode_pair(tokenizer, chat_template: str, rec: dict, data_args) -> dict | None:
+    """A preference record -> {"id", "prompt_ids", "chosen_ids", "rejected_ids", "truncated"},
+    or None when the pair is over-long and --truncation_mode drop."""
+    out = encode_preference(tokenizer, chat_template, rec["prompt"], rec["chosen"], rec["rejected"],
+                            data_args.max_source_length, data_args.max_target_length, data_args.truncation_mode)
+    if out is not None:
+        out["id"] = pair_id(out["prompt_ids"], out["chosen_ids"], out["rejected_ids"])
+    return out
+
+
+def load_pairs(cfg, tokenizer, stage: str) -> tuple[list[dict], list[dict]]:
+    """Read, tokenize (datasets cache) and count the train / eval pairs of a preference stage."""
+    from medgpt_ds.data.loading import load_train_eval, tokenize_records
+
+    d, t = cfg.data, cfg.train
+    train_recs, eval_recs, _ = load_train_eval(d, "preference", t.seed)
+    key = ["pairs", tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, d.max_source_length,
+           d.max_target_length, d.truncation_mode]
+    cache = f"{t.output_dir}/.cache/tokenized" if not cfg.model.cache_dir else f"{cfg.model.cache_dir}/tokenized"
+
+    def encode(rec: dict):
+        return encode_pair(tokenizer, tokenizer.chat_template, rec, d)
+
+    out = []
+    for split, recs in (("train", train_recs), ("eval", eval_recs)):
+        if not recs:
+            out.append([])
+            continue
+        items, c = tokenize_records(recs, encode, cache_dir=cache, key=key + [split], num_proc=d.preprocessing_num_workers,
+                                    overwrite=d.overwrite_cache, desc=f"{stage}-{split}")
+        what = "truncated (prompt from the left, answers from the right)" if d.truncation_mode == "truncate" else \
+            "dropped as over-long (--truncation_mode drop)"
+        n = c["truncated"] if d.truncation_mode == "truncate" else c["dropped"]
+        dist.print0(f"{stage} {split}: {c['kept']} of {c['records']} pairs kept, {n} {what} "
+                    f"[max_source_length {d.max_source_length}, max_target_length {d.max_target_length}]")
+        out.append(items)
+    if not out[0]:
+        raise SystemExit(f"error: no training pair left (all {len(train_recs)} dropped as over-long); "
+                         "raise --max_source_length / --max_target_length or use --truncation_mode truncate")
+    return out[0], out[1]
+
+
+class PairCollator:
+    """Pairs -> one (2B, T) batch: input_ids, attention_mask, labels; num_pairs (B), num_tokens
+    (real tokens of both halves), ids (list of pair ids); and ``ref_logps`` (B, 4) = reference
+    [chosen sum, rejected sum, chosen tokens, rejected tokens] when the items carry ``ref``."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        rows = [(x["prompt_ids"], x["chosen_ids"]) for x in items] + [(x["prompt_ids"], x["rejected_ids"]) for x in items]
+        width = max(len(p) + len(a) for p, a in rows)
+        ids, mask, labels = [], [], []
+        for p, a in rows:
+            pad = width - len(p) - len(a)
+            ids.append(list(p) + list(a) + [self.pad_token_id] * pad)
+            mask.append([1] * (len(p) + len(a)) + [0] * pad)
+            labels.append([IGNORE_INDEX] * len(p) + list(a) + [IGNORE_INDEX] * pad)
+        batch = {"input_ids": torch.tensor(ids, dtype=torch.long),  # (2B, T)
+                 "attention_mask": torch.tensor(mask, dtype=torch.long),  # (2B, T)
+                 "labels": torch.tensor(labels, dtype=torch.long),  # (2B, T)
+                 "num_pairs": torch.tensor(len(items), dtype=torch.long),
+                 "num_tokens": torch.tensor(sum(len(p) + len(a) for p, a in rows), dtype=torch.long),
+                 "ids": [x["id"] for x in items]}
+        if all("ref" in x for x in items):
+            batch["ref_logps"] = torch.tensor([x["ref"] for x in items], dtype=torch.float64)  # (B, 4)
+        return batch
+
+
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of the (2B, T) batch -> per-row answer log-prob sums (2B,) and answer token
+    counts (2B,). ``model`` is a DeepSpeed engine or any causal LM."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logps, mask = token_logprobs(out.logits, batch["labels"])  # (2B, T-1)
+    return (logps * mask).sum(-1), mask.sum(-1).to(logps.dtype)
