@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoModelForSequenceClassification, set_seed
 
 from medgpt_ds import checkpoint, dist, engine as eng, loop
@@ -40,9 +41,18 @@ class Arguments:
 def rewards(engine, batch: dict):
     """Scores of the (2B, T) pair batch -> (chosen (B,), rejected (B,))."""
     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    scores = out.logits.squeeze(-1).float()  # (2B,)
+    scores = out.logits.squeeze(-1)  # (2B,)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16/fp16 -> float32
     n = int(batch["num_pairs"])
     return scores[:n], scores[n:]
+
+
+def pairwise_loss_sum(engine, batch: dict, margin: float = 0.0, center_rewards_coefficient: float = 0.0):
+    """Pairwise loss and metrics summed over the batch's pairs (the loop normalises globally)."""
+    chosen, rejected = rewards(engine, batch)
+    loss, metrics = rm_pairwise_loss(chosen, rejected, margin=margin or None, center_rewards_coef=center_rewards_coefficient)
+    n = chosen.numel()  # rm_pairwise_loss returns pair means
+    return loss * n, {k: v * n for k, v in metrics.items()}
 
 
 def run(cfg) -> loop.TrainState:
@@ -70,11 +80,7 @@ def run(cfg) -> loop.TrainState:
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
 
     def loss_fn(engine, batch: dict):
-        chosen, rejected = rewards(engine, batch)
-        loss, metrics = rm_pairwise_loss(chosen, rejected, margin=a.margin or None,
-                                         center_rewards_coef=a.center_rewards_coefficient)
-        n = chosen.numel()  # the loop wants sums over pairs; the loss and metrics are pair means
-        return loss * n, {k: v * n for k, v in metrics.items()}
+        return pairwise_loss_sum(engine, batch, a.margin, a.center_rewards_coefficient)
 
     def hf_meta(tag_dir: str) -> None:
         write_hf_meta(tag_dir, engine.module, tokenizer, model_kind="reward", base_model=cfg.model.model_name_or_path,
