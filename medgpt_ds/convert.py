@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -203,12 +204,13 @@ class _Source:
 class _OpenFiles:
     """The checkpoint's files, memory-mapped on first use; dropping the object unmaps them.
 
-    Re-opening per output shard is what keeps the resident set near one shard: pages of a
-    memory-mapped file that were read stay resident for as long as the mapping exists.
+    Pages of a memory-mapped file that were read stay resident (and count in RSS) for as long as
+    the mapping exists, so writers re-open the files every few hundred MB read.
     """
 
     def __init__(self, ckpt: "ZeroCheckpoint"):
         self.ckpt = ckpt
+        self.touched = 0  # bytes read through the mappings since opening
         self._cache: dict[str, Any] = {}
 
     def load(self, path: str) -> Any:
@@ -225,6 +227,7 @@ class _OpenFiles:
 
     def close(self) -> None:
         self._cache.clear()
+        self.__dict__.pop("_merged", None)
 
 
 class ZeroCheckpoint:
@@ -325,9 +328,12 @@ class ZeroCheckpoint:
         self.names = sorted(self.sources, key=lambda n: order.get(n, len(order)))
         files.close()
 
+    def open_files(self) -> _OpenFiles:
+        return _OpenFiles(self)
+
     @contextlib.contextmanager
     def open(self):
-        files = _OpenFiles(self)
+        files = self.open_files()
         try:
             yield files
         finally:
@@ -344,34 +350,34 @@ class ZeroCheckpoint:
         name = self.aliases.get(name, name)
         src = self.sources[name]
         numel = src.shape.numel()
+        files.touched += numel * src.dtype.itemsize
         if src.kind == "module":
             return files.model(0)["module"][name].clone()
+        pieces = []
         if src.kind == "frozen3":
-            frags = [files.model(r)["frozen_param_fragments"][name].reshape(-1) for r in range(self.world_size)]
-            return torch.cat(frags)[:numel].view(src.shape).clone()
-        if src.kind == "z12":
+            pieces = [files.model(r)["frozen_param_fragments"][name].reshape(-1) for r in range(self.world_size)]
+        elif src.kind == "z12":
             # The group's flat vector is the concatenation of the ranks' equal-sized partitions.
             size = self._partition_numel[src.group]
-            pieces, pos, end = [], src.offset, src.offset + numel
+            pos, end = src.offset, src.offset + numel
             while pos < end:
                 rank, local = divmod(pos, size)
                 take = min(end - pos, size - local)
                 pieces.append(files.optim_groups(rank)[src.group][local:local + take])
                 pos += take
-            return torch.cat(pieces).view(src.shape).clone() if pieces else torch.empty(src.shape)
-        # z3: each rank holds `partitioned_numel` elements at `offset` of its (sub-group
-        # concatenated) flat fp32 buffer; the last rank's tail is padding.
-        pieces = []
-        for rank in range(self.world_size):
-            groups = files.optim_groups(rank)
-            pos, end = src.offset, src.offset + src.partitioned_numel
-            for g in range(len(groups)):
-                lo, hi = self._group_offsets[g], self._group_offsets[g + 1]
-                if pos >= hi or end <= lo:
-                    continue
-                a, b = max(pos, lo) - lo, min(end, hi) - lo
-                pieces.append(groups[g][a:b])
-        return torch.cat(pieces)[:numel].view(src.shape).clone() if pieces else torch.empty(src.shape)
+        else:
+            # z3: each rank holds `partitioned_numel` elements at `offset` of its (sub-group
+            # concatenated) flat fp32 buffer; the last rank's tail is padding.
+            for rank in range(self.world_size):
+                groups = files.optim_groups(rank)
+                pos, end = src.offset, src.offset + src.partitioned_numel
+                for g in range(len(groups)):
+                    lo, hi = self._group_offsets[g], self._group_offsets[g + 1]
+                    if pos < hi and end > lo:
+                        pieces.append(groups[g][max(pos, lo) - lo:min(end, hi) - lo])
+        if not pieces:
+            return torch.empty(src.shape, dtype=src.dtype)
+        return torch.cat(pieces)[:numel].view(src.shape)  # cat copies out of the mapped files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,28 +561,59 @@ def _shard(entries: list[_Entry], dtype: torch.dtype, max_bytes: int) -> list[li
     return shards
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_one_safetensors(path: str, entries: list[_Entry], dtype: torch.dtype, ckpt: ZeroCheckpoint,
+                           window_bytes: int) -> int:
+    """Write one safetensors file tensor by tensor: the header (offsets known from the shapes)
+    first, then each tensor's bytes as soon as it is produced. Peak memory is one tensor, not one
+    shard. Returns the bytes of tensor data written."""
+    header, offset = {}, 0
+    for e in entries:
+        dt = _out_dtype(e, dtype)
+        nbytes = e.shape.numel() * dt.itemsize
+        header[e.key] = {"dtype": _ST_DTYPES[dt], "shape": list(e.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    files = ckpt.open_files()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for e in entries:
+            t = e.produce(files).to(_out_dtype(e, dtype)).contiguous()
+            if t.shape != e.shape:
+                raise CheckpointError(f"{e.key}: produced shape {tuple(t.shape)}, planned {tuple(e.shape)}")
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
+            if files.touched > window_bytes:  # unmap what was read so far (see _OpenFiles)
+                files.close()
+                files = ckpt.open_files()
+    files.close()
+    return offset
+
+
 def write_safetensors(ckpt: ZeroCheckpoint, entries: list[_Entry], output_dir: str, dtype: torch.dtype,
-                      max_shard_size: int | str = "5GB", weights_name: str = "model") -> list[str]:
-    """Write ``entries`` as (sharded) safetensors + index, one shard in memory at a time."""
-    from safetensors.torch import save_file
+                      max_shard_size: int | str = "5GB", weights_name: str = "model",
+                      window_bytes: int = 256 * 2**20) -> list[str]:
+    """Write ``entries`` as safetensors shards of at most ``max_shard_size`` (+ index when more
+    than one), in Hugging Face's file naming. Streams tensor by tensor; the checkpoint's memory-
+    mapped files are re-opened every ``window_bytes`` read so their pages do not pile up."""
     from transformers.utils.hub import convert_file_size_to_int
 
-    max_bytes = convert_file_size_to_int(max_shard_size)
-    shards = _shard(entries, dtype, max_bytes)
+    shards = _shard(entries, dtype, convert_file_size_to_int(max_shard_size))
     n = len(shards)
     files_written, weight_map, total = [], {}, 0
     for i, shard in enumerate(shards, 1):
         fname = f"{weights_name}.safetensors" if n == 1 else f"{weights_name}-{i:05d}-of-{n:05d}.safetensors"
-        tensors = {}
-        with ckpt.open() as files:
-            for e in shard:
-                t = e.produce(files).to(_out_dtype(e, dtype)).contiguous()
-                tensors[e.key] = t
-                weight_map[e.key] = fname
-                total += t.numel() * t.element_size()
-        save_file(tensors, os.path.join(output_dir, fname), metadata={"format": "pt"})
+        total += _write_one_safetensors(os.path.join(output_dir, fname), shard, dtype, ckpt, window_bytes)
+        weight_map.update({e.key: fname for e in shard})
         files_written.append(fname)
-        del tensors
         gc.collect()
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -940,3 +977,257 @@ def _unify_universal_optimizer_state(universal_dir: str, ckpt: ZeroCheckpoint) -
                 if torch.is_tensor(t):
                     shape = ckpt.shape(d) if d in ckpt.sources or d in ckpt.aliases else t.shape
                     torch.save({"param": t.reshape(shape), "cat_dim": 0}, f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Base model folder + PEFT adapter folder -> merged model (tools/merge_lora.py)
+# ---------------------------------------------------------------------------------------------
+
+_ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class _SafeFiles:
+    """safe_open handles, opened on first use (the same role as _OpenFiles for DeepSpeed files)."""
+
+    def __init__(self):
+        self.touched = 0
+        self._handles: dict[str, Any] = {}
+
+    def get(self, path: str, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path].get_tensor(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self.__dict__.pop("_merged", None)
+
+
+def _safetensors_index(folder: str, stem: str) -> dict[str, str]:
+    """key -> file for ``stem``.safetensors or its sharded form (with index) in ``folder``."""
+    index = os.path.join(folder, f"{stem}.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(folder, f"{stem}.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    return {}
+
+
+class LoraFolders:
+    """A base model folder (safetensors) and a PEFT adapter folder, read lazily and addressed by the
+    PeftModel's own state_dict keys, so the DeepSpeed-checkpoint plans (plan_merged) apply as is."""
+
+    def __init__(self, base_dir: str, adapter_dir: str, peft_model: torch.nn.Module, adapter_name: str):
+        from peft import get_peft_model_state_dict
+        from safetensors import safe_open
+
+        base = _safetensors_index(base_dir, "model")
+        if not base:
+            raise FileNotFoundError(f"{base_dir}: no model*.safetensors (convert .bin weights with "
+                                    "transformers' save_pretrained(safe_serialization=True) first)")
+        adapter = _safetensors_index(adapter_dir, "adapter_model")
+        if not adapter:
+            raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors")
+        self.loc: dict[str, tuple[str, str]] = {}
+        self.sources: dict[str, _Source] = {}
+        self.aliases: dict[str, str] = {}
+        placeholders = {k: torch.empty(v.shape, device="meta") for k, v in peft_model.state_dict().items()}
+        back = {id(t): k for k, t in placeholders.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            saved = get_peft_model_state_dict(peft_model, state_dict=placeholders, adapter_name=adapter_name,
+                                              save_embedding_layers=False)
+        owned = {back[id(t)]: k for k, t in saved.items()}  # model key -> adapter file key
+        dups = _tied_duplicates(peft_model)
+        for key in placeholders:
+            if key in dups:
+                continue
+            if key in owned and owned[key] in adapter:
+                self.loc[key] = (adapter[owned[key]], owned[key])
+            elif key in adapter:  # e.g. resized embeddings saved whole in the adapter
+                self.loc[key] = (adapter[key], key)
+            else:
+                base_key = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+                base_key = base_key.replace(".original_module.", ".")
+                if base_key in base:
+                    self.loc[key] = (base[base_key], base_key)
+        for key, (path, k) in self.loc.items():
+            with safe_open(path, framework="pt") as f:
+                sl = f.get_slice(k)
+                self.sources[key] = _Source("hf", torch.Size(sl.get_shape()), _ST_TORCH[sl.get_dtype()])
+        self.names = list(self.loc)
+        self.trainable = {k for k in self.loc if k in owned}
+
+    def shape(self, name: str) -> torch.Size:
+        return self.sources[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.sources[name].dtype
+
+    def open_files(self) -> _SafeFiles:
+        return _SafeFiles()
+
+    def tensor(self, name: str, files: _SafeFiles) -> torch.Tensor:
+        path, key = self.loc[name]
+        files.touched += self.sources[name].shape.numel() * self.sources[name].dtype.itemsize
+        return files.get(path, key)
+
+
+def check_adapter_fits_base(adapter_dir: str, base_model: torch.nn.Module, base_name: str) -> None:
+    """One clear error when the adapter's LoRA matrices do not fit the base model's layers."""
+    from safetensors import safe_open
+
+    problems = []
+    for key, path in _safetensors_index(adapter_dir, "adapter_model").items():
+        m = re.match(r"^base_model\.model\.(.+)\.lora_(A|B|embedding_A|embedding_B)(?:\.weight)?$", key)
+        if not m:
+            continue
+        module_name, which = m.group(1), m.group(2)
+        try:
+            module = base_model.get_submodule(module_name)
+        except AttributeError:
+            problems.append(f"{module_name}: no such module in the base")
+            continue
+        with safe_open(path, framework="pt") as f:
+            shape = f.get_slice(key).get_shape()
+        w = getattr(module, "weight", None)
+        if w is None:
+            continue
+        out_f, in_f = w.shape[0], w.shape[1]
+        if isinstance(module, torch.nn.Embedding):
+            out_f, in_f = in_f, out_f
+        if which == "A" and shape[1] != in_f:
+            problems.append(f"{module_name}: lora_A expects {shape[1]} inputs, the base layer has {in_f}")
+        if which == "B" and shape[0] != out_f:
+            problems.append(f"{module_name}: lora_B gives {shape[0]} outputs, the base layer has {out_f}")
+        if len(problems) >= 3:
+            break
+    if problems:
+        raise CheckpointError(f"the adapter {adapter_dir} was trained on a different base model than {base_name}: "
+                              + "; ".join(problems))
+
+
+def _adapter_kind(adapter_dir: str, peft_config: Any) -> str:
+    meta_path = os.path.join(adapter_dir, META_FILE)
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            return json.load(f).get("model_kind", "causal_lm")
+    return "reward" if str(getattr(peft_config, "task_type", "")).endswith("SEQ_CLS") else "causal_lm"
+
+
+def merge_lora_folders(
+    base_model: str,
+    adapter_dir: str,
+    output_dir: str,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    model_kind: str | None = None,
+    verify: bool = False,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Base model folder + LoRA adapter folder -> merged model folder, one layer at a time.
+
+    Reward/value adapters (task SEQ_CLS) give a sequence-classification model with the trained
+    score head (PEFT's modules_to_save). The tokenizer (with chat template) comes from the adapter
+    folder when it has one, else from the base; the generation config from the base.
+    """
+    from peft import PeftConfig
+    from transformers import AutoTokenizer
+
+    out_dtype_name = canonical_dtype(dtype) if dtype is not None else None
+    for path, what in ((base_model, "base model"), (adapter_dir, "adapter")):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{what} folder not found: {path}")
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
+    peft_config = PeftConfig.from_pretrained(adapter_dir)
+    kind_of_model = model_kind or _adapter_kind(adapter_dir, peft_config)
+    config = _load_config(base_model)
+    out_dtype_name = out_dtype_name or canonical_dtype(getattr(config, "dtype", None) or "float32")
+    tok_dir = adapter_dir if any(os.path.isfile(os.path.join(adapter_dir, n))
+                                 for n in ("tokenizer.json", "tokenizer_config.json")) else base_model
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if kind_of_model != "causal_lm":
+        config.num_labels = 1
+        config.architectures = None  # the base's *ForCausalLM is not what we build
+        if config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id
+    # A vocabulary resized in training travels in the adapter as whole embedding matrices.
+    for key, path in _safetensors_index(adapter_dir, "adapter_model").items():
+        if key.endswith("embed_tokens.weight") and "lora_" not in key:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                rows = f.get_slice(key).get_shape()[0]
+            if rows != config.get_text_config().vocab_size:
+                log(f"adapter carries resized embeddings: vocab {config.get_text_config().vocab_size} -> {rows}")
+                config.get_text_config().vocab_size = rows
+    check_adapter_fits_base(adapter_dir, build_model(config, kind_of_model), base_model)
+    peft_model = build_model(config, kind_of_model, peft_config)
+    source = LoraFolders(base_model, adapter_dir, peft_model, "default")
+    entries = plan_merged(source, peft_model, "default")
+    log(f"{base_model} + {adapter_dir} ({kind_of_model}) -> merged, {len(entries)} tensors, {out_dtype_name}")
+
+    os.makedirs(output_dir, exist_ok=True)
+    _prepare_output_dir(output_dir, adapter_dir)
+    files = write_safetensors(source, entries, output_dir, getattr(torch, out_dtype_name), max_shard_size)
+    merged_config = copy.deepcopy(config)
+    merged_config.architectures = [type(peft_model.get_base_model()).__name__]
+    merged_config.dtype = out_dtype_name
+    merged_config.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    gen = os.path.join(base_model, "generation_config.json")
+    if kind_of_model == "causal_lm" and os.path.isfile(gen):
+        shutil.copy2(gen, os.path.join(output_dir, "generation_config.json"))
+    with open(os.path.join(output_dir, META_FILE), "w", encoding="utf-8") as f:
+        json.dump({"format_version": META_VERSION, "model_kind": kind_of_model, "use_peft": False,
+                   "base_model": base_model, "torch_dtype": out_dtype_name,
+                   "export": {"kind": "merged", "dtype": out_dtype_name, "adapter": os.path.abspath(adapter_dir)}},
+                  f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    result = ExportResult(output_dir, "merged", files, len(entries), sum(e.shape.numel() for e in entries),
+                          out_dtype_name)
+    if verify:
+        result.verify = verify_merge(output_dir, base_model, adapter_dir, kind_of_model, log=log)
+        if not result.verify["ok"]:
+            raise CheckpointError(f"--verify failed: {result.verify}")
+    return result
+
+
+@torch.no_grad()
+def verify_merge(output_dir: str, base_model: str, adapter_dir: str, model_kind: str,
+                 prompts: tuple[str, ...] = DEFAULT_PROMPTS, log: Callable[[str], None] = print) -> dict:
+    """Merged folder vs PeftModel.from_pretrained(base, adapter) (PEFT's own, unmerged), in fp32."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    cls = _model_class(None, model_kind)
+    kw = {"num_labels": 1} if model_kind != "causal_lm" else {}
+    got = cls.from_pretrained(output_dir, dtype=torch.float32).eval()
+    base = cls.from_pretrained(base_model, dtype=torch.float32, **kw)
+    vocab = got.get_input_embeddings().weight.shape[0]
+    if base.get_input_embeddings().weight.shape[0] != vocab:
+        base.resize_token_embeddings(vocab)
+    if model_kind != "causal_lm":
+        base.config.pad_token_id = got.config.pad_token_id
+    ref = PeftModel.from_pretrained(base, adapter_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    diffs, scale = [], 1.0
+    for ids in _probe_inputs(tokenizer, prompts):
+        a, b = ref(input_ids=ids).logits.float(), got(input_ids=ids).logits.float()
+        diffs.append((a - b).abs().max().item())
+        scale = max(scale, a.abs().max().item())
+    with open(os.path.join(output_dir, META_FILE), encoding="utf-8") as f:
+        tol = _TOLERANCE[json.load(f)["torch_dtype"]] * scale
+    report = {"ok": max(diffs) <= tol, "max_abs_diff": max(diffs), "tolerance": tol, "prompts": len(diffs)}
+    log(f"verify: max |logits diff| {report['max_abs_diff']:.3g} (tolerance {tol:.3g}) -> "
+        f"{'OK' if report['ok'] else 'FAILED'}")
+    return report

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Merge a LoRA adapter into its base model: base folder + adapter folder -> a full model folder.
+
+    python tools/merge_lora.py --base_model models/Qwen2.5-0.5B --adapter hf/sft-lora --output_dir hf/sft-merged
+    python tools/merge_lora.py --base_model models/Qwen2.5-0.5B --adapter hf/rm-lora --output_dir hf/rm --verify
+
+Works one layer at a time (base safetensors and adapter read lazily, each LoRA layer merged in fp32
+with PEFT's own merge), so memory stays near one layer plus one tensor whatever the model size.
+Reward/value adapters (task SEQ_CLS) give a sequence-classification model that keeps the trained
+score head. The tokenizer and its chat template come from the adapter folder when it has them
+(tools/zero_to_hf.py puts them there), else from the base. For a DeepSpeed checkpoint, use
+tools/zero_to_hf.py --merge_lora directly: the checkpoint holds the base weights too.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--base_model", required=True, help="base model folder (safetensors)")
+    ap.add_argument("--adapter", "--lora_model", dest="adapter", required=True, help="PEFT adapter folder")
+    ap.add_argument("--output_dir", required=True)
+    ap.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the base model's dtype)")
+    ap.add_argument("--max_shard_size", default="5GB")
+    ap.add_argument("--model_kind", default=None, choices=["causal_lm", "reward", "value"],
+                    help="default: from the adapter (task_type SEQ_CLS -> reward)")
+    ap.add_argument("--verify", action="store_true",
+                    help="compare the merged model's logits with PeftModel(base, adapter) on a few prompts")
+    args = ap.parse_args(argv)
+    from medgpt_ds.convert import CheckpointError, canonical_dtype, merge_lora_folders
+
+    t0 = time.time()
+    try:
+        if args.dtype is not None:
+            canonical_dtype(args.dtype)
+        result = merge_lora_folders(args.base_model, args.adapter, args.output_dir, dtype=args.dtype,
+                                    max_shard_size=args.max_shard_size, model_kind=args.model_kind,
+                                    verify=args.verify)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote merged model ({result.num_params / 1e6:.2f}M params, {result.dtype}, {len(result.files)} "
+          f"file(s)) to {result.output_dir} in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
