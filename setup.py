@@ -27,7 +27,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn", "bitsandbytes"],
         "qlora": ["bitsandbytes"],
-        "serve": ["fastapi", "uvicorn", "gradio", "openai", "httpx"],
+        "serve": ["fastapi", "uvicorn", "gradio", "openai", "httpx", "matplotlib"],
         "test": ["pytest", "ruff"],
     },
 )

@@ -144,10 +144,11 @@ def load(engine, ckpt_dir: str, *, load_universal: bool = False, extra_engines: 
     with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
         state = json.load(f)
     rng_file = os.path.join(ckpt_dir, f"rng_state_{dist.rank()}.pth")
-    if state.get("world_size") == dist.world_size() and os.path.isfile(rng_file):
+    saved_world = state.pop("world_size", None)
+    if saved_world == dist.world_size() and os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))  # numpy/python RNG tuples need pickle
     else:
-        dist.print0(f"warning: world size changed ({state.get('world_size')} -> {dist.world_size()}): "
+        dist.print0(f"warning: world size changed ({saved_world} -> {dist.world_size()}): "
                     "RNG streams restart from the seed; data order is still restored")
     return state
 
@@ -170,10 +171,26 @@ def export_hf(engine, model, tokenizer, out_dir: str, *, is_peft: bool, zero3: b
     else:
         state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
         if dist.is_main():
+            _stop_on_end_of_turn(model, tokenizer)
             model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     if dist.is_main():
         tokenizer.save_pretrained(out_dir)
     dist.barrier()
+
+
+def _stop_on_end_of_turn(model, tokenizer) -> None:
+    """Make plain `generate` (and vLLM) stop at the chat template's end-of-turn token too, not only
+    at eos (ChatML replies end with <|im_end|> while eos is <|endoftext|>)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None or not tokenizer.chat_template:
+        return
+    from medgpt_ds.data.templates import stop_token_ids
+
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    ids = [i for i in eos if i is not None] + [i for i in stop_token_ids(tokenizer, tokenizer.chat_template)]
+    gen.eos_token_id = list(dict.fromkeys(ids))
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
 
 
 def write_json(path: str, obj: Any) -> None:

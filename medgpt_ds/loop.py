@@ -178,7 +178,8 @@ def train(*, cfg, engine, model, tokenizer, ds_config: dict, train_items: list, 
             start = state.step_in_epoch * ga
             step_batches = [collate([train_items[i] for i in idx]) for idx in batches[start:start + ga]]
             counts = torch.tensor([sum(float(b[unit_key]) for b in step_batches),
-                                   sum(float(b["num_tokens"]) for b in step_batches)],
+                                   sum(float(b["num_tokens"]) for b in step_batches),
+                                   sum(float(b["input_ids"].numel()) for b in step_batches)],
                                   dtype=torch.float64, device=dist.device())
             dist.all_reduce_sum(counts)
             global_units = max(counts[0].item(), 1.0)
@@ -196,7 +197,7 @@ def train(*, cfg, engine, model, tokenizer, ds_config: dict, train_items: list, 
             state.global_step += 1
             state.step_in_epoch += 1
             state.consumed_items += micro * ga * world
-            thr.add(int(counts[1].item()))
+            thr.add(int(counts[1].item()), int(counts[2].item()))
             window["loss"] += step_loss
             window["units"] += counts[0].item()
             window["n"] += 1

@@ -107,14 +107,19 @@ class Throughput:
 
     def reset(self) -> None:
         self.tokens = 0
+        self.positions = 0
         self.t0 = time.perf_counter()
 
-    def add(self, global_tokens: int) -> None:
+    def add(self, global_tokens: int, global_positions: int = 0) -> None:
+        """Real tokens and total positions (incl. padding) processed, over all ranks."""
         self.tokens += global_tokens
+        self.positions += global_positions
 
     def read(self) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         out = {"tokens_per_s": self.tokens / dt}
+        if self.positions:
+            out["pad_frac"] = 1.0 - self.tokens / self.positions
         if self.peak:
             # 6 N FLOPs per token for forward + backward (attention FLOPs not counted)
             out["mfu"] = 6 * self.num_params * self.tokens / dt / (self.peak * dist.world_size())
