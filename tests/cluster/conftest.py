@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,11 @@ from slurm_cluster import SlurmCluster, missing_requirements, reap_stale  # noqa
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
+# DeepSpeed's JIT ops (deepspeed_shm_comm on CPU): `make test` shares .cache/torch_extensions
+# (built by the earlier tests); run alone, the cluster tests use a directory of their own, since
+# the venv's ninja (1.13) and Debian's (1.11) hash build commands differently and processes that
+# find different ninjas first on PATH rebuild a shared directory back and forth (1-2 min each).
+TORCH_EXT_DIR = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or REPO / ".cache" / "torch_extensions_cluster")
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -27,7 +33,7 @@ def job_env(**extra: str) -> dict[str, str]:
     env = {
         "PATH": path,
         "PYTHONPATH": str(REPO),
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        "TORCH_EXTENSIONS_DIR": str(TORCH_EXT_DIR),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -73,11 +79,19 @@ _WORDS = ("fever cough headache patient doctor infection virus treatment dose ta
 
 
 @pytest.fixture(scope="session")
-def tiny_assets(tmp_path_factory):
+def tiny_assets(tmp_path_factory, slurm_cluster):
     """A saved tiny Llama + BPE tokenizer (ChatML template), sft and preference jsonl, a ZeRO-3
-    config that shards even tiny parameters. Built here so the cluster tests depend on no demo file."""
+    config that shards even tiny parameters. Built here so the cluster tests depend on no demo file.
+    Also JIT-builds DeepSpeed's CPU comm op once, before any job needs it (no-op when cached)."""
     import json
     import random
+    import subprocess
+
+    build = subprocess.run(
+        [sys.executable, "-c", "from deepspeed.accelerator import get_accelerator as g; "
+                               "g().create_op_builder('ShareMemCommBuilder').load()"],
+        env={**os.environ, **job_env()}, capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -115,3 +129,35 @@ def tiny_assets(tmp_path_factory):
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (root / "zero3.json").write_text(json.dumps(ds, indent=2))
     return {"model": str(model_dir), "sft": str(sft), "pref": str(pref), "zero3": str(root / "zero3.json")}
+
+
+def wait_for_log(cluster, job, log, needle, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and needle in log.read_text(errors="replace"):
+            return
+        if cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"{needle!r} never appeared in {log}:\n" + (log.read_text() if log.exists() else "(no log)"))
+
+
+def wait_requeued_and_release(cluster, job, timeout=180):
+    """Wait until the job was requeued; then lift slurmctld's requeue hold-off.
+
+    slurmctld makes a requeued job eligible only ~2 minutes later (EligibleTime); a real cluster
+    just waits, the test sets StartTime=now so the rerun starts at once.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = cluster.job(job)
+        if info.get("Restarts", "0") != "0" and info.get("JobState") == "PENDING":
+            r = cluster.host_run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+            assert r.returncode == 0, r.stderr
+            return info
+        if info.get("Restarts", "0") != "0" and info.get("JobState") in ("RUNNING", "COMPLETED"):
+            return info
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and info.get("Restarts", "0") == "0":
+            raise AssertionError(f"job {job} ended {info.get('JobState')} without being requeued")
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} was not requeued within {timeout}s: {cluster.job(job)}")
