@@ -400,8 +400,10 @@ def _model_class(arch: str | None, model_kind: str):
 
     if arch and hasattr(transformers, arch):
         return getattr(transformers, arch)
-    return transformers.AutoModelForCausalLM if model_kind == "causal_lm" else \
-        transformers.AutoModelForSequenceClassification
+    # reward: one score per sequence; value (PPO critic): one value per token.
+    return {"causal_lm": transformers.AutoModelForCausalLM,
+            "reward": transformers.AutoModelForSequenceClassification,
+            "value": transformers.AutoModelForTokenClassification}[model_kind]
 
 
 def build_model(config: Any, model_kind: str, peft_config: Any = None, adapter_name: str = "default",
@@ -900,7 +902,8 @@ def to_universal(checkpoint_dir: str, output_dir: str | None = None, workers: in
     Default output: ``<run_dir>/<tag>-universal`` beside the tag, with ``<run_dir>/latest_universal``
     naming it, so an engine whose config has ``"checkpoint": {"load_universal": true}`` resumes
     from ``<run_dir>`` at any world size and ZeRO stage (``engine.load_checkpoint(run_dir)``).
-    The tag's ``hf_meta/`` is copied along. Returns the universal folder.
+    The tag's other files (trainer state, RNG states, ``hf_meta/``) are copied along, so
+    ``--resume_from_checkpoint <run_dir>/<tag>-universal --load_universal`` works. Returns the folder.
     """
     from deepspeed.checkpoint import ds_to_universal
 
@@ -932,9 +935,16 @@ def to_universal(checkpoint_dir: str, output_dir: str | None = None, workers: in
                 os.link(src, dst)
             except OSError:
                 shutil.copy2(src, dst)
-    meta_dir = os.path.join(tag_dir, META_DIR)
-    if os.path.isdir(meta_dir):
-        shutil.copytree(meta_dir, os.path.join(output_dir, META_DIR))
+    # The trainer's own files (trainer_state.json, rng states, run config, hf_meta/) travel along,
+    # so the universal folder is a complete checkpoint for --resume_from_checkpoint.
+    for name in os.listdir(tag_dir):
+        src, dst = os.path.join(tag_dir, name), os.path.join(output_dir, name)
+        if name.endswith(("_model_states.pt", "_optim_states.pt")) or os.path.exists(dst):
+            continue
+        if os.path.isdir(src):
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
     log(f"universal checkpoint of {tag_dir} (ZeRO-{ckpt.stage}, world size {ckpt.world_size}) -> {output_dir}; "
         f"{os.path.join(os.path.dirname(output_dir), 'latest_universal')} names it")
     return output_dir
@@ -1119,7 +1129,8 @@ def _adapter_kind(adapter_dir: str, peft_config: Any) -> str:
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             return json.load(f).get("model_kind", "causal_lm")
-    return "reward" if str(getattr(peft_config, "task_type", "")).endswith("SEQ_CLS") else "causal_lm"
+    task = str(getattr(peft_config, "task_type", ""))
+    return "reward" if task.endswith("SEQ_CLS") else "value" if task.endswith("TOKEN_CLS") else "causal_lm"
 
 
 def merge_lora_folders(

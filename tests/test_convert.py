@@ -308,7 +308,9 @@ def test_resume_at_another_world_size_and_zero_stage(ckpts, tokenizer_dir):
     global batch, land where the original run did: that needs the Adam moments and step count too.
     """
     for case in ("z2_full", "z3_full_tied"):
+        (ckpts / case / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
         out = to_universal(str(ckpts / case), **QUIET)
+        assert json.loads((Path(out) / "trainer_state.json").read_text()) == {"global_step": 3}
         assert Path(out).name == "checkpoint-3-universal"
         assert (ckpts / case / "latest_universal").read_text() == "checkpoint-3-universal"
         assert (Path(out) / META_DIR / "medgpt_meta.json").is_file()

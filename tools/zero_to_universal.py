@@ -4,9 +4,11 @@
     python tools/zero_to_universal.py --checkpoint_dir outputs/sft/checkpoint-200
     # -> outputs/sft/checkpoint-200-universal and outputs/sft/latest_universal
 
-Then resume with the trainer's --load_universal (DeepSpeed config `"checkpoint": {"load_universal": true}`)
-from outputs/sft, with any number of ranks and ZeRO-1/2/3: parameters, fp32 master weights and Adam
-moments are re-partitioned. ZeRO-0 checkpoints need no conversion.
+Then resume with any number of ranks and ZeRO-1/2/3:
+    ... --resume_from_checkpoint outputs/sft/checkpoint-200-universal --load_universal
+(DeepSpeed config `"checkpoint": {"load_universal": true}`; `latest_universal` serves a plain
+engine.load_checkpoint(outputs/sft)). Parameters, fp32 master weights, Adam moments and step are
+re-partitioned; the trainer's state files are copied along. ZeRO-0 checkpoints need no conversion.
 """
 from __future__ import annotations
 
