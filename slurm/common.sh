@@ -14,6 +14,12 @@ set -euo pipefail
 # sbatch runs a copy of the script from a spool directory: locate the repo by the submit dir.
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$REPO_DIR"
+# Site setup (module load cuda, conda activate, proxies, ...): a file sourced here, on every node's
+# environment too since srun passes the batch environment on.
+if [[ -n ${SETUP_SCRIPT:-} ]]; then
+    # shellcheck disable=SC1090
+    source "$SETUP_SCRIPT"
+fi
 if [[ -n ${VENV:-} ]]; then
     export PATH="$VENV/bin:$PATH"
 fi
