@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import io
 import json
 import math
@@ -616,7 +615,6 @@ def write_safetensors(ckpt: ZeroCheckpoint, entries: list[_Entry], output_dir: s
         total += _write_one_safetensors(os.path.join(output_dir, fname), shard, dtype, ckpt, window_bytes)
         weight_map.update({e.key: fname for e in shard})
         files_written.append(fname)
-        gc.collect()
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         with open(os.path.join(output_dir, f"{weights_name}.safetensors.index.json"), "w") as f:

@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Check training data before a run: every bad record (file:line: field: problem), then a summary.
+
+    python tools/validate_data.py --stage sft --data data/finetune
+    python tools/validate_data.py --kind preference --data data/reward --tokenizer models/base --max_length 2048
+    python tools/validate_data.py --stage grpo --data data/grpo --json
+
+Reads files exactly as the trainer does (medgpt_ds.data.formats: sharegpt, messages, alpaca, text,
+MedicalGPT/TRL preference pairs, question/answer prompts; .jsonl/.json/.txt/.parquet) but does not
+stop at the first problem: all of them are listed. The summary counts rows, records, blank lines,
+duplicates and suspicious records (chosen == rejected), with character lengths and, given a
+tokenizer, token lengths through the chat template (and how many exceed --max_length).
+Exit status: 0 clean, 1 errors found, 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from typing import Any, Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from medgpt_ds.data import formats  # noqa: E402
+
+STAGE_KINDS = {"pt": "pt", "sft": "sft", "rm": "preference", "dpo": "preference", "orpo": "preference",
+               "ppo": "prompt", "grpo": "prompt"}
+# One converter per kind: the trainer's own (formats.load_records stops at the first error; here
+# each record is converted on its own so every error is reported).
+CONVERTERS = {"pt": formats._to_pt, "sft": formats._to_sft, "preference": formats._to_preference,
+              "prompt": formats._to_prompts}
+
+
+def _json_array_lines(text: str) -> list[int]:
+    """1-based line of each element of a top-level JSON array."""
+    dec, lines, pos, line, counted = json.JSONDecoder(), [], text.index("[") + 1, 1, 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return lines
+        line += text.count("\n", counted, pos)
+        counted = pos
+        lines.append(line)
+        _, pos = dec.raw_decode(text, pos)
+
+
+def iter_raw(path: str, kind: str, errors: list[str], stats: dict) -> Iterator[tuple[str, Any]]:
+    """(path:line, object) for every record that parses; parse problems go to ``errors``."""
+    if path.endswith(".txt"):
+        if kind != "pt":
+            errors.append(f"{path}: .txt files hold pretraining text (one document per line); '{kind}' data must "
+                          "be .jsonl, .json or .parquet records")
+            return
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                stats["rows"] += 1
+                if not line.strip():
+                    stats["blank"] += 1
+                    continue
+                yield f"{path}:{n}", {"text": line.rstrip("\r\n")}
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                stats["rows"] += 1
+                if not line.strip():
+                    stats["blank"] += 1
+                    continue
+                try:
+                    yield f"{path}:{n}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    errors.append(f"{path}:{n}: malformed JSON: {e.msg} at column {e.colno}")
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            errors.append(f"{path}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}")
+            return
+        if isinstance(data, list):
+            for obj, n in zip(data, _json_array_lines(text)):
+                stats["rows"] += 1
+                yield f"{path}:{n}", obj
+        elif isinstance(data, dict) and isinstance(data.get("data"), list):
+            for i, obj in enumerate(data["data"], 1):
+                stats["rows"] += 1
+                yield f"{path}:record {i}", obj
+        else:
+            errors.append(f"{path}:1: expected a JSON list of records or {{\"data\": [...]}}")
+    elif path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(path).iter_batches(batch_size=4096)
+            n = 0
+            for batch in rows:
+                for obj in batch.to_pylist():
+                    n += 1
+                    stats["rows"] += 1
+                    yield f"{path}:row {n}", obj
+        except Exception as e:  # a truncated or foreign file: one error for the file
+            errors.append(f"{path}: unreadable parquet file: {e}")
+
+
+def _pct(values: list[int], q: float) -> int:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def length_stats(values: list[int]) -> dict | None:
+    if not values:
+        return None
+    return {"min": min(values), "mean": round(sum(values) / len(values), 1), "p50": _pct(values, 0.5),
+            "p95": _pct(values, 0.95), "max": max(values)}
+
+
+def _chars(rec: dict, kind: str) -> int:
+    if kind == "pt":
+        return len(rec["text"])
+    if kind == "sft":
+        return sum(len(m["content"]) for m in rec["messages"])
+    prompt = sum(len(m["content"]) for m in rec["prompt"])
+    if kind == "preference":
+        return prompt + max(len(rec["chosen"]), len(rec["rejected"]))
+    return prompt + len(rec.get("answer") or "")
+
+
+def _tokens(rec: dict, kind: str, tok: Any, template: str | None) -> int:
+    def render(messages, generation=False):
+        return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                       add_generation_prompt=generation)
+
+    def count(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    if kind == "pt":
+        return count(rec["text"])
+    if kind == "sft":
+        return count(render(rec["messages"]))
+    if kind == "preference":
+        return max(count(render(rec["prompt"] + [{"role": "assistant", "content": rec[k]}]))
+                   for k in ("chosen", "rejected"))
+    return count(render(rec["prompt"], generation=True))
+
+
+def validate(paths: list[str], kind: str, *, tokenizer: Any = None, template: str | None = None,
+             max_length: int | None = None) -> dict:
+    """Validate every record under ``paths``; returns the report (errors, warnings, summary)."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    files: list[str] = []
+    for p in paths:
+        try:
+            files += formats.find_files(p)
+        except formats.DataError as e:
+            errors.append(str(e))
+    convert = CONVERTERS[kind]
+    totals = {"files": len(files), "rows": 0, "blank": 0, "records": 0, "bad_rows": 0, "duplicates": 0,
+              "dropped_trailing_user": 0}
+    chars, tokens, turns, per_file = [], [], [], {}
+    seen: dict[str, str] = {}
+    over = 0
+    for path in files:
+        stats = {"rows": 0, "blank": 0, "dropped_trailing_user": 0}
+        before_err, before_rec = len(errors), totals["records"]
+        for where, obj in iter_raw(path, kind, errors, stats):
+            try:
+                if not isinstance(obj, dict):
+                    raise formats.DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                records = convert(obj, where, stats)
+            except formats.DataError as e:
+                errors.append(str(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - a value the reader did not anticipate
+                errors.append(f"{where}: unexpected {type(e).__name__}: {e}")
+                continue
+            for rec in records:
+                totals["records"] += 1
+                key = hashlib.sha1(json.dumps(rec, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+                if key in seen:
+                    totals["duplicates"] += 1
+                    if totals["duplicates"] <= 20:
+                        warnings.append(f"{where}: duplicate of {seen[key]}")
+                else:
+                    seen[key] = where
+                if kind == "preference" and rec["chosen"].strip() == rec["rejected"].strip():
+                    warnings.append(f"{where}: field 'chosen': identical to 'rejected' (no preference signal)")
+                chars.append(_chars(rec, kind))
+                if kind == "sft":
+                    turns.append(len(rec["messages"]))
+                if tokenizer is not None:
+                    n = _tokens(rec, kind, tokenizer, template)
+                    tokens.append(n)
+                    over += int(max_length is not None and n > max_length)
+        totals["rows"] += stats["rows"]
+        totals["blank"] += stats["blank"]
+        totals["dropped_trailing_user"] += stats["dropped_trailing_user"]
+        if stats["dropped_trailing_user"]:
+            warnings.append(f"{path}: {stats['dropped_trailing_user']} conversations end with an unanswered user "
+                            "turn (dropped, as MedicalGPT does)")
+        per_file[path] = {"rows": stats["rows"], "records": totals["records"] - before_rec,
+                          "errors": len(errors) - before_err}
+        if per_file[path]["records"] == 0 and per_file[path]["errors"] == 0:
+            errors.append(f"{path}: no {kind} records")
+    totals["bad_rows"] = len(errors)
+    summary = {"kind": kind, **totals, "errors": len(errors), "warnings": len(warnings),
+               "chars": length_stats(chars), "per_file": per_file}
+    if kind == "sft":
+        summary["turns"] = length_stats(turns)
+    if tokenizer is not None:
+        summary["tokens"] = length_stats(tokens)
+        if max_length is not None:
+            summary["over_max_length"] = over
+            summary["max_length"] = max_length
+    return {"errors": errors, "warnings": warnings, "summary": summary}
+
+
+def print_report(report: dict, max_errors: int, out=None) -> None:
+    out = out or sys.stdout
+    errors, warnings, s = report["errors"], report["warnings"], report["summary"]
+    if errors:
+        print(f"ERRORS ({len(errors)}):", file=out)
+        for e in errors[:max_errors]:
+            print(f"  {e}", file=out)
+        if len(errors) > max_errors:
+            print(f"  ... and {len(errors) - max_errors} more (--max_errors)", file=out)
+    if warnings:
+        print(f"WARNINGS ({len(warnings)}):", file=out)
+        for w in warnings[:max_errors]:
+            print(f"  {w}", file=out)
+    print(f"SUMMARY ({s['kind']}): {s['files']} files, {s['rows']} rows, {s['records']} valid records, "
+          f"{s['errors']} errors, {s['blank']} blank lines, {s['duplicates']} duplicates", file=out)
+    for name in ("chars", "tokens", "turns"):
+        if s.get(name):
+            st = s[name]
+            print(f"  {name:6s} min {st['min']}  mean {st['mean']}  p50 {st['p50']}  p95 {st['p95']}  max {st['max']}",
+                  file=out)
+    if "over_max_length" in s:
+        print(f"  {s['over_max_length']} records longer than --max_length {s['max_length']} tokens "
+              "(they will be truncated)", file=out)
+    print("OK" if not errors else "FAILED", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--data", nargs="+", required=True, help="files or folders")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--kind", choices=formats.KINDS)
+    group.add_argument("--stage", choices=sorted(STAGE_KINDS), help="the kind this stage reads")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder: report token lengths")
+    ap.add_argument("--template_name", default=None, help="chat template (default: the tokenizer's own)")
+    ap.add_argument("--max_length", type=int, default=None, help="count records longer than this (tokens)")
+    ap.add_argument("--max_errors", type=int, default=50, help="errors/warnings printed (all are counted)")
+    ap.add_argument("--json", action="store_true", help="print the full report as JSON")
+    args = ap.parse_args(argv)
+    kind = args.kind or STAGE_KINDS[args.stage]
+    tok = template = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        from medgpt_ds.data.templates import get_chat_template
+
+        try:
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+            if kind != "pt":
+                template = get_chat_template(args.template_name, tok)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    report = validate(args.data, kind, tokenizer=tok, template=template, max_length=args.max_length)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=1))
+    else:
+        print_report(report, args.max_errors)
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
