@@ -128,8 +128,11 @@ run_training() {
 
     echo "[medgpt] srun ${srun_args[*]} $DEEPSPEED ${ds_args[*]} --node_rank \$SLURM_NODEID $TRAIN_SCRIPT $* ${extra[*]}"
     # In the background so the traps above run while the step is going (bash delays traps
-    # until a foreground child exits).
-    srun "${srun_args[@]}" bash -c 'exec "$0" --node_rank "$SLURM_NODEID" "$@"' \
+    # until a foreground child exits). On a TERM to the whole step (time limit without the USR1
+    # warning, preemption, scancel) the deepspeed runner would die at once and srun would then
+    # kill everything: it ignores TERM (`trap "" TERM` is inherited through exec), while
+    # deepspeed.launcher.launch passes TERM to the ranks, which checkpoint and exit.
+    srun "${srun_args[@]}" bash -c 'trap "" TERM; exec "$0" --node_rank "$SLURM_NODEID" "$@"' \
         "$DEEPSPEED" "${ds_args[@]}" "$TRAIN_SCRIPT" "$@" "${extra[@]}" &
     local pid=$! rc=0
     while kill -0 "$pid" 2>/dev/null; do

@@ -101,6 +101,11 @@ def test_failed_rank_fails_the_job(slurm_cluster, tiny_assets, tmp_path):
     print(f"failing job: {time.monotonic() - t0:.1f}s from submission to {info['JobState']}")
     assert info["JobState"] == "FAILED", text[-6000:]
     assert "MEDGPT_DEBUG_FAIL: rank 1 fails at step 3" in text
+    died = re.search(r"^1: \[(\S+ \S+),\d+\] \[ERROR\] \[launch\.py", text, re.M)  # node 1's launcher saw it
+    if died:
+        from datetime import datetime
+        lag = datetime.fromisoformat(info["EndTime"]) - datetime.fromisoformat(died.group(1))
+        print(f"rank 1 died -> job FAILED in {lag.total_seconds():.0f}s")
     assert "train step 2 |" in text and "train step 4 |" not in text  # rank 0 did not run on alone
     assert not (tmp_path / "out" / "config.json").exists()
 
