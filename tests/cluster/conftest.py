@@ -131,10 +131,14 @@ def tiny_assets(tmp_path_factory, slurm_cluster):
     return {"model": str(model_dir), "sft": str(sft), "pref": str(pref), "zero3": str(root / "zero3.json")}
 
 
-def wait_for_log(cluster, job, log, needle, timeout=180):
+def wait_for_log(cluster, job, log, needle, timeout=180, after=""):
+    """Poll the job's output until `needle` appears (after the last `after`, when given)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.exists() and needle in log.read_text(errors="replace"):
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if after:
+            text = text[text.rindex(after):] if after in text else ""
+        if needle in text:
             return
         if cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
             break
@@ -142,8 +146,8 @@ def wait_for_log(cluster, job, log, needle, timeout=180):
     raise AssertionError(f"{needle!r} never appeared in {log}:\n" + (log.read_text() if log.exists() else "(no log)"))
 
 
-def wait_requeued_and_release(cluster, job, timeout=180):
-    """Wait until the job was requeued; then lift slurmctld's requeue hold-off.
+def wait_requeued_and_release(cluster, job, restarts=1, timeout=180):
+    """Wait until the job was requeued `restarts` times; then lift slurmctld's requeue hold-off.
 
     slurmctld makes a requeued job eligible only ~2 minutes later (EligibleTime); a real cluster
     just waits, the test sets StartTime=now so the rerun starts at once.
@@ -151,13 +155,14 @@ def wait_requeued_and_release(cluster, job, timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = cluster.job(job)
-        if info.get("Restarts", "0") != "0" and info.get("JobState") == "PENDING":
+        n, state = int(info.get("Restarts", "0")), info.get("JobState")
+        if n >= restarts and state == "PENDING":
             r = cluster.host_run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
             assert r.returncode == 0, r.stderr
             return info
-        if info.get("Restarts", "0") != "0" and info.get("JobState") in ("RUNNING", "COMPLETED"):
+        if n >= restarts and state in ("RUNNING", "COMPLETED"):
             return info
-        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and info.get("Restarts", "0") == "0":
-            raise AssertionError(f"job {job} ended {info.get('JobState')} without being requeued")
+        if n < restarts and state in ("COMPLETED", "FAILED", "CANCELLED"):
+            raise AssertionError(f"job {job} ended {state} after {n} requeues, expected {restarts}")
         time.sleep(0.5)
-    raise AssertionError(f"job {job} was not requeued within {timeout}s: {cluster.job(job)}")
+    raise AssertionError(f"job {job} was not requeued {restarts}x within {timeout}s: {cluster.job(job)}")

@@ -111,31 +111,42 @@ def test_failed_rank_fails_the_job(slurm_cluster, tiny_assets, tmp_path):
 
 
 def test_preempt_checkpoint_requeue_resume(slurm_cluster, tiny_assets, tmp_path, sft_run):
-    """USR1 to the batch shell (what `#SBATCH --signal=B:USR1@600` sends before the time limit)."""
+    """Stopped twice, resumed twice, same losses as the uninterrupted run:
+    1. USR1 to the batch shell (what `#SBATCH --signal=B:USR1@600` sends before the time limit);
+    2. TERM to the ranks (`scancel --signal=TERM`), after the first resume."""
     env = trainer_env(tmp_path, tiny_assets)
     out = tmp_path / "out"
     t0 = time.monotonic()
     job, log = submit(slurm_cluster, "slurm/sft_multinode.sbatch", tmp_path, env)
-    wait_for_log(slurm_cluster, job, log, "train step 2 |")
-    r = slurm_cluster.host_run(["scancel", "--batch", "--signal=USR1", str(job)])
-    assert r.returncode == 0, r.stderr
-    wait_requeued_and_release(slurm_cluster, job)
-    text = log.read_text(errors="replace")
-    stopped = int(re.search(r"checkpoint saved \(\{\"step\": (\d+)", text).group(1))
-    assert 2 <= stopped < STEPS, text[-4000:]
-    assert (out / f"checkpoint-{stopped}").is_dir()
+    stops = []
+    for n, (needle, scancel) in enumerate([("train step 2 |", ["--batch", "--signal=USR1"]),
+                                           (None, ["--signal=TERM"])], start=1):
+        # the second stop: once the resumed run has logged two steps of its own
+        needle = needle or f"train step {stops[-1] + 2} |"
+        wait_for_log(slurm_cluster, job, log, needle, after=f"(restart {n - 1})")
+        r = slurm_cluster.host_run(["scancel", *scancel, str(job)])
+        assert r.returncode == 0, r.stderr
+        wait_requeued_and_release(slurm_cluster, job, restarts=n)
+        text = log.read_text(errors="replace")
+        saved = [int(s) for s in re.findall(r"checkpoint saved \(\{\"step\": (\d+)", text)]
+        assert len(saved) == n, text[-4000:]
+        stops.append(saved[-1])
+        assert (out / f"checkpoint-{stops[-1]}").is_dir()
+    assert 2 <= stops[0] < stops[1] < STEPS, stops
 
     info = slurm_cluster.wait_job(job, 300)
     text = log.read_text(errors="replace")
-    print(f"preempted + resumed job: {time.monotonic() - t0:.1f}s, stopped at step {stopped}")
-    assert info["Restarts"] == "1"
-    assert "received USR1" in text and f"resumed from {out}/checkpoint-{stopped}" in text
+    print(f"job stopped and resumed twice: {time.monotonic() - t0:.1f}s, stops at steps {stops}")
+    assert info["Restarts"] == "2"
+    assert "received USR1" in text
+    for s in stops:
+        assert f"resumed from {out}/checkpoint-{s}" in text
     recs = assert_trained_across_hosts(info, text, out)
     ref = metrics(sft_run[2])
-    # the resumed run continues the same trajectory: the losses after the restart point are the
+    # each resume continues the same trajectory: the losses after the restart points are the
     # uninterrupted run's, bit for bit (same data order, RNG and optimizer state on CPU)
-    assert [recs[s]["loss"] for s in range(stopped + 1, STEPS + 1)] == \
-        [ref[s]["loss"] for s in range(stopped + 1, STEPS + 1)]
+    assert [recs[s]["loss"] for s in range(stops[0] + 1, STEPS + 1)] == \
+        [ref[s]["loss"] for s in range(stops[0] + 1, STEPS + 1)]
 
 
 def test_deepspeed_hostfile_no_ssh_without_slurm(slurm_cluster, tiny_assets, tmp_path):
