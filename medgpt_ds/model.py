@@ -132,9 +132,7 @@ def load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, *,
             trust_remote_code=model_args.trust_remote_code, dtype=dtype, attn_implementation=attn,
             quantization_config=quant, **(extra_config or {}))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        dist.print0(f"resizing embeddings {model.get_input_embeddings().num_embeddings} -> {len(tokenizer)} "
-                    "(the tokenizer has new tokens)")
-        model.resize_token_embeddings(len(tokenizer))
+        resize_for_tokenizer(model, tokenizer, model_args, ds_config)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # packed batches need it off (DESIGN.md); generation turns it back on
@@ -152,6 +150,29 @@ def load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, *,
     if train_args.neft_alpha > 0:
         add_neftune(model, train_args.neft_alpha)
     return model
+
+
+def resize_for_tokenizer(model, tokenizer, model_args, ds_config: dict) -> None:
+    """The tokenizer was extended with domain vocabulary: grow the embeddings. New rows start as the
+    mean of the embeddings of the pieces the base tokenizer splits each new token into (outside
+    ZeRO-3); under ZeRO-3 transformers gathers and resizes with mean initialisation."""
+    old = model.get_input_embeddings().num_embeddings
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        dist.print0(f"resized embeddings {old} -> {len(tokenizer)} (mean init, ZeRO-3)")
+        return
+    from medgpt_ds.tokenizer import resize_embeddings_for
+
+    base_tok = None
+    if model_args.tokenizer_name_or_path and model_args.model_name_or_path:
+        try:
+            base_tok = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir,
+                                                     trust_remote_code=model_args.trust_remote_code)
+        except (OSError, ValueError):
+            base_tok = None  # the model dir ships no tokenizer: transformers' mean init
+    info = resize_embeddings_for(model, tokenizer, base_tok)
+    dist.print0(f"resized embeddings {info['old']} -> {info['new']} for the extended tokenizer "
+                f"({info['from_pieces']} new rows initialised from their base-tokenizer pieces)")
 
 
 def lora_target_modules(model, spec: str) -> list[str]:

@@ -160,3 +160,20 @@ def test_nonempty_output_dir_needs_a_decision(tmp_path, sft_args):
     (out / "something").write_text("x")
     err = _fail(tmp_path, sft_args + ["--train_file_dir", f"{DEMO}/sft"])
     assert "--overwrite_output_dir" in err and "--resume_from_checkpoint auto" in err
+
+
+@pytest.mark.smoke
+def test_extended_tokenizer_resizes_embeddings(tmp_path, tiny_base_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    old = len(tok)
+    tok.add_tokens(["hypertension", "endocrinologist", "haematologist"])
+    tok.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "pt"
+    p = train(["--stage", "pt", "--model_name_or_path", tiny_base_dir, "--tokenizer_name_or_path", str(tmp_path / "tok"),
+               "--train_file_dir", f"{DEMO}/pretrain", "--max_train_samples", "64", "--block_size", "128",
+               "--per_device_train_batch_size", "2", "--max_steps", "2", "--output_dir", str(out)])
+    assert f"resized embeddings {old} -> {old + 3}" in p.stdout
+    assert "3 new rows initialised from their base-tokenizer pieces" in p.stdout
+    assert AutoConfig.from_pretrained(out).vocab_size == old + 3
