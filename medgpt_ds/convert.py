@@ -634,6 +634,32 @@ _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attentio
 _SIDE_FILES = ("config.json", "generation_config.json", "adapter_config.json", META_FILE)
 
 
+def write_generation_config(src_dir: str | None, config: Any, output_dir: str) -> None:
+    """generation_config.json for a causal export: the run's own (or one derived from the config),
+    stopping at the chat template's end-of-turn token as well as at eos (ChatML replies end with
+    <|im_end|>, not <|endoftext|>), as the trainer's own final export does. Needs the tokenizer
+    already in ``output_dir``."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from medgpt_ds.data.templates import stop_token_ids
+
+    if src_dir and os.path.isfile(os.path.join(src_dir, "generation_config.json")):
+        gen = GenerationConfig.from_pretrained(src_dir)
+    else:
+        gen = GenerationConfig.from_model_config(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    except (OSError, ValueError):
+        tokenizer = None
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        ids = [i for i in eos if i is not None] + stop_token_ids(tokenizer, tokenizer.chat_template)
+        gen.eos_token_id = list(dict.fromkeys(ids))
+        if gen.pad_token_id is None:
+            gen.pad_token_id = tokenizer.pad_token_id
+    gen.save_pretrained(output_dir)
+
+
 @dataclass
 class ExportResult:
     output_dir: str
@@ -762,10 +788,9 @@ def export_checkpoint(
         config = copy.deepcopy(config)
         config.dtype = out_dtype_name
         config.save_pretrained(output_dir)
-        gen_src = meta_dir if os.path.isdir(meta_dir) else base_model
-        gen = os.path.join(gen_src, "generation_config.json") if gen_src else None
-        if gen and os.path.isfile(gen):
-            shutil.copy2(gen, os.path.join(output_dir, "generation_config.json"))
+        if kind_of_model == "causal_lm":
+            gen_src = meta_dir if os.path.isdir(meta_dir) else base_model
+            write_generation_config(gen_src, config, output_dir)
     out_meta = dict(meta, export={"kind": kind, "dtype": out_dtype_name, "source": os.path.abspath(tag_dir),
                                   "zero_stage": ckpt.stage, "world_size": ckpt.world_size,
                                   "global_steps": ckpt.global_steps})
@@ -1193,9 +1218,8 @@ def merge_lora_folders(
     merged_config.dtype = out_dtype_name
     merged_config.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    gen = os.path.join(base_model, "generation_config.json")
-    if kind_of_model == "causal_lm" and os.path.isfile(gen):
-        shutil.copy2(gen, os.path.join(output_dir, "generation_config.json"))
+    if kind_of_model == "causal_lm":
+        write_generation_config(base_model, config, output_dir)
     with open(os.path.join(output_dir, META_FILE), "w", encoding="utf-8") as f:
         json.dump({"format_version": META_VERSION, "model_kind": kind_of_model, "use_peft": False,
                    "base_model": base_model, "torch_dtype": out_dtype_name,

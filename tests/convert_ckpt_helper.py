@@ -42,6 +42,7 @@ CASES = {
     "z3_lora_tied": dict(stage=3, kind="causal_lm", tied=True, lora=True),
     "z2_reward": dict(stage=2, kind="reward", tied=False, lora=False),
     "z3_reward_lora": dict(stage=3, kind="reward", tied=False, lora=True),
+    "z3_lora_bf16": dict(stage=3, kind="causal_lm", tied=False, lora=True, bf16=True),
 }
 
 
@@ -54,8 +55,9 @@ def model_config(vocab_size: int, pad_id: int, tied: bool, kind: str) -> LlamaCo
     )
 
 
-def ds_config(stage: int, micro: int) -> dict:
+def ds_config(stage: int, micro: int, bf16: bool = False) -> dict:
     cfg = {
+        "bf16": {"enabled": bf16},
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
@@ -120,7 +122,7 @@ def save_case(name: str, case: dict, root: str, tok) -> None:
     model, peft_config = build(case, tok, base_dir)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config(case["stage"], MICRO))
+        config=ds_config(case["stage"], MICRO, case.get("bf16", False)))
     vocab = len(tok)
     for step in range(STEPS):
         loss = loss_of(engine, case["kind"], batch(step, MICRO, vocab, rank * MICRO))
@@ -134,7 +136,7 @@ def save_case(name: str, case: dict, root: str, tok) -> None:
         with open(os.path.join(case_dir, "latest"), "w") as f:
             f.write(tag)
         write_hf_meta(os.path.join(case_dir, tag), engine.module, tok, model_kind=case["kind"],
-                      base_model=base_dir, peft_config=peft_config, torch_dtype="fp32")
+                      base_model=base_dir, peft_config=peft_config, torch_dtype="bf16" if case.get("bf16") else "fp32")
     if case.get("post_step"):
         loss = loss_of(engine, case["kind"], batch(STEPS, MICRO, vocab, rank * MICRO))
         engine.backward(loss)

@@ -36,6 +36,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CASES = ["z0_full", "z1_full_tied", "z2_full", "z3_full_tied", "z2_lora", "z3_lora_tied", "z2_reward",
          "z3_reward_lora"]
+BF16_CASES = ["z3_lora_bf16"]  # trained in bf16: checked against the engine in bf16
 QUIET = {"log": lambda msg: None}
 
 
@@ -74,7 +75,7 @@ def ckpts(tmp_path_factory, tokenizer_dir) -> Path:
         shutil.copytree(reuse, out, dirs_exist_ok=True)
     else:
         _launch(2, "--out", str(out), "--tokenizer", tokenizer_dir)
-    assert sorted(json.loads((out / "saved.json").read_text())) == sorted(CASES)
+    assert sorted(json.loads((out / "saved.json").read_text())) == sorted(CASES + BF16_CASES)
     return out
 
 
@@ -126,9 +127,41 @@ def test_export_reproduces_engine_logits(ckpts, case, tmp_path):
             assert config.get("tie_word_embeddings", False) is tied
             assert ("lm_head.weight" in index["weight_map"]) is (not tied and "reward" not in case)
             assert (out / "generation_config.json").is_file() is ("reward" not in case)
+            if "reward" not in case:  # generate() stops at the template's end of turn as well as eos
+                from transformers import AutoTokenizer, GenerationConfig
+
+                im_end = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>")
+                assert im_end in GenerationConfig.from_pretrained(out).eos_token_id
             if "reward" in case:
                 assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
                 assert "score.weight" in index["weight_map"]
+
+
+@pytest.mark.distributed
+def test_bf16_lora_checkpoint(ckpts, tmp_path):
+    """bf16 ZeRO-3 LoRA run: fp32 master LoRA weights, bf16 frozen base fragments; exported in bf16
+    (the training dtype, by default) and matching the bf16 engine's logits to bf16 precision."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    case_dir = ckpts / "z3_lora_bf16"
+    expected = torch.load(case_dir / "expected.pt")
+    for merge in (False, True):
+        out = tmp_path / f"hf{merge}"
+        res = export_checkpoint(str(case_dir), str(out), merge_lora=merge, verify=True, **QUIET)
+        assert res.dtype == "bfloat16" and res.verify["ok"]
+        fname = out / ("model.safetensors" if merge else "adapter_model.safetensors")
+        with safe_open(str(fname), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        if merge:
+            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+        else:
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(case_dir / "base", dtype=torch.bfloat16)
+            model = PeftModel.from_pretrained(base, out).eval()
+        got = _logits(model, expected["probe"])
+        assert (got - expected["logits"]).abs().max() < 0.01 * max(1.0, expected["logits"].abs().max().item())
 
 
 @pytest.mark.distributed
@@ -177,13 +210,13 @@ def test_verify_catches_a_corrupted_export(ckpts, tmp_path):
 def test_stream_reader_matches_deepspeed_zero_to_fp32(ckpts):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    for case in CASES[1:]:  # DeepSpeed's reader does not do ZeRO-0
+    for case in CASES[1:] + BF16_CASES:  # DeepSpeed's reader does not do ZeRO-0
         ckpt = ZeroCheckpoint(str(ckpts / case))
         ref = get_fp32_state_dict_from_zero_checkpoint(str(ckpts / case))
         assert set(ref) == set(ckpt.names) | set(ckpt.aliases), case
         with ckpt.open() as files:
             for name in ref:
-                assert torch.equal(ckpt.tensor(name, files), ref[name].float()), (case, name)
+                assert torch.equal(ckpt.tensor(name, files).float(), ref[name].float()), (case, name)
 
 
 @pytest.mark.distributed

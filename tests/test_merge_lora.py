@@ -107,8 +107,11 @@ def test_merge_matches_peft(tmp_path, tok, tied):
         torch.testing.assert_close(merged(input_ids=PROBE).logits, _peft_reference(base_dir, adapter_dir)(
             input_ids=PROBE).logits, rtol=0, atol=1e-5)
     assert merged.config.tie_word_embeddings is tied
-    assert AutoTokenizer.from_pretrained(out).chat_template == CHATML
-    assert (out / "generation_config.json").is_file()
+    tok2 = AutoTokenizer.from_pretrained(out)
+    assert tok2.chat_template == CHATML
+    from transformers import GenerationConfig
+
+    assert tok2.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(out).eos_token_id
 
 
 @pytest.mark.unit
