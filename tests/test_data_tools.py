@@ -138,7 +138,7 @@ def test_validate_token_lengths_and_cli(tmp_path, capsys):
     assert report["summary"]["over_max_length"] == sum(
         n > 20 for n in [report["summary"]["tokens"]["min"], report["summary"]["tokens"]["max"]])
     bad = _write(tmp_path / "bad.jsonl", SFT_LINES)
-    rc = validate_data.main(["--kind", "sft", "--data", str(bad), "--max_errors", "3"])
+    rc = validate_data.main(["--kind", "sft", str(bad), "--max_errors", "3"])
     out = capsys.readouterr().out
     assert rc == 1 and "ERRORS (8):" in out and "... and 5 more" in out and out.rstrip().endswith("FAILED")
 

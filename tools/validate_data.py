@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check training data before a run: every bad record (file:line: field: problem), then a summary.
 
-    python tools/validate_data.py --stage sft --data data/finetune
+    python tools/validate_data.py --stage sft data/finetune
     python tools/validate_data.py --kind preference --data data/reward --tokenizer models/base --max_length 2048
     python tools/validate_data.py --stage grpo --data data/grpo --json
 
@@ -247,7 +247,8 @@ def print_report(report: dict, max_errors: int, out=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--data", nargs="+", required=True, help="files or folders")
+    ap.add_argument("paths", nargs="*", help="files or folders (or pass them with --data)")
+    ap.add_argument("--data", nargs="+", default=[], help="files or folders")
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--kind", choices=formats.KINDS)
     group.add_argument("--stage", choices=sorted(STAGE_KINDS), help="the kind this stage reads")
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_errors", type=int, default=50, help="errors/warnings printed (all are counted)")
     ap.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = ap.parse_args(argv)
+    paths = args.paths + args.data
+    if not paths:
+        ap.error("no data: pass files or folders")
     kind = args.kind or STAGE_KINDS[args.stage]
     tok = template = None
     if args.tokenizer:
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    report = validate(args.data, kind, tokenizer=tok, template=template, max_length=args.max_length)
+    report = validate(paths, kind, tokenizer=tok, template=template, max_length=args.max_length)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=1))
     else:
