@@ -91,6 +91,24 @@ def test_dpo_template_two_hosts(slurm_cluster, tiny_assets, tmp_path):
     assert "rewards/accuracies" in recs[4]
 
 
+def test_sft_70b_template_lora_scaled_down(slurm_cluster, tiny_assets, tmp_path):
+    """The 4-node LoRA + ZeRO-3 template on 2 nodes (`sbatch --nodes=2`): the adapter is exported
+    with real (gathered) weights, not ZeRO-3's empty placeholders."""
+    env = trainer_env(tmp_path, tiny_assets, MAX_STEPS="3", SAVE_STEPS="0", LORA_RANK="4", LORA_ALPHA="8")
+    info, log = run_template(slurm_cluster, "slurm/sft_70b.sbatch", tmp_path, env, "--nodes=2")
+    out = tmp_path / "out"
+    assert info["JobState"] == "COMPLETED", log[-8000:]
+    assert re.search(r"^1: rank 1/2 on host node2\b", log, re.M)
+    assert sorted(metrics(out)) == [1, 2, 3]
+    from safetensors.torch import load_file
+
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values())
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)  # B starts at 0: trained
+
+
 def test_failed_rank_fails_the_job(slurm_cluster, tiny_assets, tmp_path):
     env = trainer_env(tmp_path, tiny_assets, MAX_STEPS="1000", SAVE_STEPS="0",
                       MEDGPT_DEBUG_FAIL_RANK="1", MEDGPT_DEBUG_FAIL_STEP="3")
