@@ -5,7 +5,6 @@ errors for ds_hybrid and vllm, reward function wiring. Also the assets the ppo/g
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 import torch
@@ -18,9 +17,10 @@ from medgpt_ds.rollout import (Generation, HFGenerateBackend, LastTokenScore, Ro
 pytestmark = pytest.mark.unit
 
 
-def starts_with_letter(completions, answers):
-    """The learnable rule reward of the stage tests: 1 when the response starts with an ASCII letter."""
-    return [1.0 if re.match(r"\s*[A-Za-z]", c) else 0.0 for c in completions]
+def starts_with_space(completions, answers):
+    """The learnable rule reward of the stage tests: 1 when the response starts a new word (a space).
+    About a quarter of a random tiny model's responses do; with --top_k 8 it learns this in ~10 steps."""
+    return [1.0 if c.startswith(" ") else 0.0 for c in completions]
 
 
 def make_rl_assets(out: str, tokenizer_dir: str, tiny_llama) -> dict:
@@ -187,14 +187,14 @@ def test_rollout_arguments_and_reward_functions():
         RolloutArguments(kl_estimator="k4")
     assert RolloutArguments(stop="</answer>,\n\n").stop_strings() == ["</answer>", "\n\n"]
     assert RolloutArguments(stop=r"</answer>, \n\n").stop_strings() == ["</answer>", " \n\n"]
-    fns = rule_reward_functions(["format", "answer_choice", "tests.test_rollout_backend:starts_with_letter"],
+    fns = rule_reward_functions(["format", "answer_choice", "tests.test_rollout_backend:starts_with_space"],
                                 [0.5, 1.0, 2.0])
-    assert [f.__name__ for f, _ in fns] == ["format", "answer_choice", "starts_with_letter"]
+    assert [f.__name__ for f, _ in fns] == ["format", "answer_choice", "starts_with_space"]
     from medgpt_ds.rewards import combine_rewards
 
     total, parts = combine_rewards(fns, ["<think>x</think><answer>B</answer>", " no"], ["B", "C"])
     assert total == [0.5 + 1.0 + 0.0, 0.0 + 0.0 + 2.0]
-    assert parts == {"format": [1.0, 0.0], "answer_choice": [1.0, 0.0], "starts_with_letter": [0.0, 1.0]}
+    assert parts == {"format": [1.0, 0.0], "answer_choice": [1.0, 0.0], "starts_with_space": [0.0, 1.0]}
 
 
 def test_sampling_kwargs():
