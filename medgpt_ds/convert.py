@@ -133,6 +133,11 @@ def write_hf_meta(
         import peft
 
         meta["versions"]["peft"] = peft.__version__
+    base_config = os.path.join(base_model, "config.json") if base_model else ""
+    if os.path.isfile(base_config):  # a vocabulary resized for an extended tokenizer shows here
+        with open(base_config, encoding="utf-8") as f:
+            base_cfg = json.load(f)
+        meta["base_vocab_size"] = base_cfg.get("vocab_size", (base_cfg.get("text_config") or {}).get("vocab_size"))
     if extra:
         meta.update(extra)
     with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
@@ -743,16 +748,17 @@ def export_checkpoint(
     if merge_lora and peft_config is None:
         raise CheckpointError(f"--merge_lora: {tag_dir} is a full-model checkpoint (no LoRA adapter in it)")
 
-    save_embedding_layers = False
+    base_vocab = meta.get("base_vocab_size")
     if peft_config is not None and base_model and os.path.isfile(os.path.join(base_model, "config.json")):
         base_config = _load_config(base_model)
         check_same_base(config, base_config, base_model)
-        resized = config.get_text_config().vocab_size != base_config.get_text_config().vocab_size
-        save_embedding_layers = resized and not merge_lora
-        if save_embedding_layers:
-            log(f"vocabulary resized ({base_config.get_text_config().vocab_size} -> "
-                f"{config.get_text_config().vocab_size}): the adapter carries the embeddings; resize the "
-                "base model's embeddings before PeftModel.from_pretrained")
+        base_vocab = base_config.get_text_config().vocab_size
+    vocab = config.get_text_config().vocab_size
+    # A vocabulary grown in training (extended tokenizer) is not in the base: the adapter carries it.
+    save_embedding_layers = peft_config is not None and not merge_lora and base_vocab not in (None, vocab)
+    if save_embedding_layers:
+        log(f"vocabulary resized ({base_vocab} -> {vocab}): the adapter carries the embeddings; resize the "
+            "base model's embeddings before PeftModel.from_pretrained")
 
     ckpt = ZeroCheckpoint(tag_dir)
     adapter_name = meta.get("adapter_name") or "default"

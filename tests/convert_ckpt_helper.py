@@ -43,6 +43,8 @@ CASES = {
     "z2_reward": dict(stage=2, kind="reward", tied=False, lora=False),
     "z3_reward_lora": dict(stage=3, kind="reward", tied=False, lora=True),
     "z3_lora_bf16": dict(stage=3, kind="causal_lm", tied=False, lora=True, bf16=True),
+    # extended tokenizer + LoRA: the grown (frozen) embedding rows exist only in the checkpoint
+    "z2_lora_resized": dict(stage=2, kind="causal_lm", tied=False, lora=True, resize=8),
 }
 
 
@@ -82,6 +84,9 @@ def build(case: dict, tok, base_dir: str | None):
         if base_dir and int(os.environ.get("RANK", "0")) == 0:
             model.save_pretrained(base_dir)
             tok.save_pretrained(base_dir)
+        if case.get("resize"):
+            torch.manual_seed(1)
+            model.resize_token_embeddings(cfg.vocab_size + case["resize"])
         task = TaskType.CAUSAL_LM if case["kind"] == "causal_lm" else TaskType.SEQ_CLS
         peft_config = LoraConfig(task_type=task, r=4, lora_alpha=8, lora_dropout=0.0,
                                  target_modules=["q_proj", "v_proj", "down_proj"])
@@ -112,7 +117,9 @@ def outputs(engine, kind: str, probe: torch.Tensor) -> torch.Tensor:
 
 def probe_ids(vocab: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
-    return torch.randint(5, vocab, (3, 9), generator=g)
+    ids = torch.randint(5, vocab, (3, 9), generator=g)
+    ids[:, -1] = vocab - 1 - torch.arange(3)  # the last rows too (grown vocabulary)
+    return ids
 
 
 def save_case(name: str, case: dict, root: str, tok) -> None:
@@ -130,7 +137,10 @@ def save_case(name: str, case: dict, root: str, tok) -> None:
         engine.step()
     tag = f"checkpoint-{STEPS}"
     engine.save_checkpoint(case_dir, tag=tag, client_state={"global_step": STEPS}, save_latest=False)
-    expected = {"probe": probe_ids(vocab), "logits": outputs(engine, case["kind"], probe_ids(vocab)),
+    rows = engine.module.get_input_embeddings().weight.ds_shape[0] if case["stage"] == 3 else \
+        engine.module.get_input_embeddings().weight.shape[0]
+    probe = probe_ids(rows)  # includes grown-vocabulary ids when resized
+    expected = {"probe": probe, "logits": outputs(engine, case["kind"], probe),
                 "world_size": world, "stage": case["stage"]}
     if rank == 0:
         with open(os.path.join(case_dir, "latest"), "w") as f:

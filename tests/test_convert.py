@@ -35,7 +35,7 @@ HELPER = ROOT / "tests" / "convert_ckpt_helper.py"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CASES = ["z0_full", "z1_full_tied", "z2_full", "z3_full_tied", "z2_lora", "z3_lora_tied", "z2_reward",
-         "z3_reward_lora"]
+         "z3_reward_lora", "z2_lora_resized"]
 BF16_CASES = ["z3_lora_bf16"]  # trained in bf16: checked against the engine in bf16
 QUIET = {"log": lambda msg: None}
 
@@ -49,8 +49,9 @@ def _env() -> dict:
 
 def _launch(nproc: int, *args: str, timeout: int = 600) -> None:
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(29500 + os.getpid() % 1000 + nproc),
-           str(HELPER), *args]
+    from tests.launch_utils import free_port
+
+    cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(HELPER), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
@@ -85,10 +86,22 @@ def _load_export(case_dir: Path, out: Path, kind: str):
 
     cls = AutoModelForSequenceClassification if "reward" in case_dir.name else AutoModelForCausalLM
     if kind == "adapter":
-        model = PeftModel.from_pretrained(cls.from_pretrained(case_dir / "base"), out)
+        base = cls.from_pretrained(case_dir / "base")
+        rows = _adapter_embedding_rows(out)
+        if rows:  # an extended vocabulary travels in the adapter: grow the base first
+            base.resize_token_embeddings(rows)
+        model = PeftModel.from_pretrained(base, out)
     else:
         model = cls.from_pretrained(out, dtype=torch.float32)
     return model.eval()
+
+
+def _adapter_embedding_rows(out: Path) -> int | None:
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        rows = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("embed_tokens.weight")]
+    return rows[0] if rows else None
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -116,6 +129,7 @@ def test_export_reproduces_engine_logits(ckpts, case, tmp_path):
         assert meta["export"]["zero_stage"] == expected["stage"] and meta["export"]["world_size"] == 2
         if res.kind == "adapter":
             assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+            assert (_adapter_embedding_rows(out) is not None) is ("resized" in case)
             base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
             assert base.endswith(f"{case}/base")
         else:
