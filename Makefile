@@ -12,11 +12,16 @@ export PYTHONUNBUFFERED ?= 1
 .PHONY: setup demo test test-fast test-cluster lint bench clean
 
 # venv + torch (CPU wheel, pinned first so pip never pulls a CUDA build) + the package
-$(BIN)/.installed: setup.py requirements-test.txt
+$(BIN)/.installed: setup.py requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e . -r requirements-test.txt
+	$(BIN)/pip install -q -r requirements.txt -e .
+	touch $@
+
+# + test, serving and evaluation dependencies
+$(BIN)/.installed-test: $(BIN)/.installed requirements-test.txt
+	$(BIN)/pip install -q -r requirements-test.txt
 	touch $@
 
 setup: $(BIN)/.installed
@@ -24,15 +29,15 @@ setup: $(BIN)/.installed
 demo: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh
 
-test: setup
+test: $(BIN)/.installed-test
 	$(BIN)/ruff check medgpt_ds launch tools tests bench
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "not cluster" -p no:cacheprovider
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m cluster -p no:cacheprovider tests/cluster || test $$? -eq 5
 
-test-fast: setup
+test-fast: $(BIN)/.installed-test
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "unit" -p no:cacheprovider
 
-lint: setup
+lint: $(BIN)/.installed-test
 	$(BIN)/ruff check medgpt_ds launch tools tests bench
 
 clean:

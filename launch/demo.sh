@@ -14,17 +14,17 @@ echo "== 1/4 tokenizer: byte-level BPE on the demo corpus"
 python tools/train_tokenizer.py --corpus data/demo/pretrain --output_dir "$OUT/tokenizer" \
   --vocab_size 1200 --template_name chatml
 
-echo "== 2/4 pt: continued pretraining of a tiny model from scratch ($NPROC ranks, ZeRO-2)"
-"${LAUNCH[@]}" launch/train.py --stage pt --model_config tiny --tokenizer_name_or_path "$OUT/tokenizer" \
+echo "== 2/4 pt: continued pretraining of a small model from scratch ($NPROC ranks, ZeRO-2)"
+"${LAUNCH[@]}" launch/train.py --stage pt --model_config small --tokenizer_name_or_path "$OUT/tokenizer" \
   --train_file_dir data/demo/pretrain --block_size 256 --per_device_train_batch_size 4 \
-  --learning_rate 2e-3 --warmup_ratio 0.05 --num_train_epochs 2 --logging_steps 10 --save_steps 50 \
+  --learning_rate 1e-3 --warmup_ratio 0.05 --num_train_epochs 2 --logging_steps 10 --save_steps 50 \
   --save_total_limit 1 --deepspeed ds_configs/zero2.json --output_dir "$OUT/pt" --overwrite_output_dir
 
 echo "== 3/4 sft: multi-turn conversations, loss on answers only ($NPROC ranks, ZeRO-3)"
 "${LAUNCH[@]}" launch/train.py --stage sft --model_name_or_path "$OUT/pt" --template_name chatml \
   --train_file_dir data/demo/sft --validation_split_percentage 10 --model_max_length 256 \
-  --per_device_train_batch_size 2 --learning_rate 1e-3 --warmup_ratio 0.05 --num_train_epochs 20 \
-  --logging_steps 10 --eval_steps 40 --save_steps 100 --save_total_limit 1 \
+  --per_device_train_batch_size 2 --learning_rate 5e-4 --warmup_ratio 0.05 --num_train_epochs 30 \
+  --logging_steps 10 --eval_steps 30 --save_steps 100 --save_total_limit 1 \
   --deepspeed ds_configs/zero3.json --output_dir "$OUT/sft" --overwrite_output_dir
 
 echo "== 4/4 ask the fine-tuned model"
