@@ -263,8 +263,14 @@ class ZeroCheckpoint:
         else:
             raise FileNotFoundError(f"{tag_dir}: no *_model_states.pt file")
 
+        if not self.optim_files and os.path.isdir(os.path.join(tag_dir, "zero")):
+            raise CheckpointError(f"{tag_dir} is a DeepSpeed universal checkpoint (made for resuming at another "
+                                  "topology): export the tag dir it was converted from")
         files = _OpenFiles(self)
         ms0 = files.model(0)
+        if not self.optim_files and ms0.get("param_shapes") is not None:
+            raise CheckpointError(f"{tag_dir}: no *_optim_states.pt files, where a ZeRO checkpoint keeps its fp32 "
+                                  "weights (incomplete copy or save?)")
         self.stage = 0
         self.world_size = int(ms0.get("dp_world_size") or 1)
         osd = None
@@ -774,7 +780,9 @@ def export_checkpoint(
         f"{' + LoRA' if peft_config is not None else ''} -> {kind} export, {len(entries)} tensors, {out_dtype_name}")
 
     _prepare_output_dir(output_dir, tag_dir)
-    files = write_safetensors(ckpt, entries, output_dir, out_dtype, max_shard_size, weights_name)
+    # PEFT reads one adapter_model.safetensors: adapters are never sharded.
+    shard_limit = 2**62 if kind == "adapter" else max_shard_size
+    files = write_safetensors(ckpt, entries, output_dir, out_dtype, shard_limit, weights_name)
 
     # Side files: tokenizer (+ chat template), config, generation config, adapter config, meta.
     if os.path.isdir(meta_dir):

@@ -317,6 +317,9 @@ def test_other_bad_inputs(ckpts, tmp_path):
     (broken / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(CheckpointError, match="world size 2 but 1 \\*_optim_states.pt"):
         export_checkpoint(str(broken), str(tmp_path / "o4"), **QUIET)
+    (broken / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="no \\*_optim_states.pt files"):
+        export_checkpoint(str(broken), str(tmp_path / "o4"), **QUIET)
 
 
 # --- hf_meta ----------------------------------------------------------------------------------
@@ -361,6 +364,8 @@ def test_resume_at_another_world_size_and_zero_stage(ckpts, tokenizer_dir):
         assert Path(out).name == "checkpoint-3-universal"
         assert (ckpts / case / "latest_universal").read_text() == "checkpoint-3-universal"
         assert (Path(out) / META_DIR / "medgpt_meta.json").is_file()
+    with pytest.raises(CheckpointError, match="universal checkpoint"):
+        export_checkpoint(str(ckpts / "z2_full" / "checkpoint-3-universal"), str(ckpts / "no_export"), **QUIET)
     _launch(1, "--out", str(ckpts), "--tokenizer", tokenizer_dir, "--resume", "--cases", "z2_full,z3_full_tied")
     for case in ("z2_full", "z3_full_tied"):
         expected = torch.load(ckpts / case / "expected.pt")
