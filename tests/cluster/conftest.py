@@ -61,6 +61,7 @@ def slurm_cluster():
 
 def submit(cluster: SlurmCluster, template: str, tmp_path: Path, env: dict[str, str], *sbatch_args: str) -> tuple[int, Path]:
     """sbatch a project template from the repo root with `env`; returns (job id, its output file)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "job-%j.out"
     job = cluster.sbatch(str(REPO / template), f"--output={log}", *sbatch_args, env=env, cwd=str(REPO))
     return job, tmp_path / f"job-{job}.out"

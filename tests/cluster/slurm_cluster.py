@@ -78,11 +78,24 @@ class SlurmCluster:
         self.failure_logs = ""
 
     # ------------------------------------------------------------------ hosts
-    def _start_hosts(self):
-        hosts = self.root / "hosts"
-        lines = ["127.0.0.1 localhost"] + [f"{a} {n}" for a, n in zip(self.addrs, self.nodes)]
-        hosts.write_text("\n".join(lines) + "\n")
+    def hosts_file(self, name: str) -> Path:
+        """The file bind-mounted as /etc/hosts on host `name` (rewrite it in place to change it)."""
+        return self.root / f"hosts-{name}"
+
+    def write_hosts(self, loopback_own_name: bool = False):
+        """Correct entries for every node; or, like Debian's default, each node's own name on
+        127.0.1.1 (the case where gloo/NCCL advertise a loopback address to their peers)."""
         for name in self.nodes:
+            lines = ["127.0.0.1 localhost"]
+            lines += [f"127.0.1.1 {name}"] if loopback_own_name else []
+            lines += [f"{a} {n}" for a, n in zip(self.addrs, self.nodes) if not (loopback_own_name and n == name)]
+            with open(self.hosts_file(name), "w") as f:  # same inode: the bind mounts see it
+                f.write("\n".join(lines) + "\n")
+
+    def _start_hosts(self):
+        self.write_hosts()
+        for name in self.nodes:
+            hosts = self.hosts_file(name)
             ready = self.root / f"{name}.ready"
             script = (f"hostname {name} && mount --bind {hosts} /etc/hosts && ip link set lo up "
                       f"&& touch {ready} && exec sleep infinity")

@@ -1,12 +1,9 @@
-"""The multi-node plumbing on a real 2-node SLURM cluster, with a stand-in trainer (no model).
-
-These isolate the launch layer (slurm/common.sh, tools/make_hostfile.py, deepspeed --no_ssh,
-gloo across two network namespaces) from the trainer: when test_training.py fails and these
-pass, look at the trainer. Failure, preemption and the no-SLURM launch run with the real
-trainer in test_training.py.
+"""The multi-node plumbing on a real 2-node SLURM cluster, partly with a stand-in trainer
+(tests/cluster/fake_trainer.py: gloo all-reduce, no model), so a failure here points at the
+launch layer (slurm/common.sh, tools/make_hostfile.py, deepspeed --no_ssh, the network) and not
+at the trainer. The templates with the real trainer are in test_training.py.
 """
 import json
-import re
 
 import pytest
 from conftest import REPO, job_env, run_template
@@ -33,16 +30,21 @@ def test_hostlists_agree_with_scontrol(slurm_cluster):
         assert expand_nodelist(nodelist) == r.stdout.split()
 
 
-def test_template_runs_one_rank_per_host(slurm_cluster, tmp_path):
-    """sft template -> srun -> deepspeed --no_ssh per node -> all_reduce over gloo across hosts."""
-    info, log = run_template(slurm_cluster, "slurm/sft_multinode.sbatch", tmp_path, fake_env(tmp_path, MAX_STEPS="2"))
-    assert info["JobState"] == "COMPLETED", log
-    result = json.loads((tmp_path / "out" / "fake_result.json").read_text())
-    assert result["world"] == 2 and result["sum"] == 3.0          # 1 + 2 summed across the two hosts
-    assert result["hosts"] == ["node1", "node2"]                  # rank r on node r+1
-    assert result["master"] == "10.200.0.1"                       # NodeAddr of the first node, not its name
-    job = int(info["JobId"])
-    hostfile = tmp_path / "logs" / str(job) / "hostfile"
-    assert hostfile.read_text() == "node1 slots=1\nnode2 slots=1\n"
-    assert f"--master_port {20000 + job % 40000}" in log          # job-derived port
-    assert re.search(r"^0: rank 0/2 on host node1$", log, re.M) and re.search(r"^1: rank 1/2 on host node2$", log, re.M)
+def test_loopback_hostname_needs_net_ifname(slurm_cluster, tmp_path):
+    """Debian's /etc/hosts puts a node's own name on 127.0.1.1: gloo then advertises that address
+    and the other node cannot connect. NET_IFNAME (-> GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME) fixes it."""
+    slurm_cluster.write_hosts(loopback_own_name=True)
+    try:
+        r = slurm_cluster.host_run(["getent", "hosts", "node1"], host=0)
+        assert r.stdout.split()[0] == "127.0.1.1"
+        info, log = run_template(slurm_cluster, "slurm/sft_multinode.sbatch", tmp_path / "plain",
+                                 fake_env(tmp_path / "plain", MAX_STEPS="1"), timeout=200)
+        assert info["JobState"] == "FAILED"
+        assert "127.0.1.1" in log and "Connection refused" in log   # gloo's own message names the cause
+        info, log = run_template(slurm_cluster, "slurm/sft_multinode.sbatch", tmp_path / "ifname",
+                                 fake_env(tmp_path / "ifname", MAX_STEPS="1", NET_IFNAME=slurm_cluster.ifname))
+        assert info["JobState"] == "COMPLETED", log[-6000:]
+        result = json.loads((tmp_path / "ifname" / "out" / "fake_result.json").read_text())
+        assert result["hosts"] == ["node1", "node2"] and result["sum"] == 3.0  # 1 + 2 across the hosts
+    finally:
+        slurm_cluster.write_hosts()

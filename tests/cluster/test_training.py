@@ -2,10 +2,10 @@
 down by environment variables to one CPU rank per node and a tiny model.
 
 - sft and dpo complete across the two hosts: rank 0 on node1, rank 1 on node2, the loss logged,
-  checkpoints and the HF export written;
+  checkpoints and the HF export written; sft_70b (LoRA + ZeRO-3) on 2 nodes exports the adapter;
 - a rank forced to fail (MEDGPT_DEBUG_FAIL_RANK/STEP) ends the job FAILED instead of hanging;
-- preemption: USR1 to the batch shell mid-run -> checkpoint -> PREEMPTED -> requeue -> resume,
-  and the finished run's losses equal the uninterrupted run's;
+- preemption: USR1 to the batch shell, later TERM to the ranks -> checkpoint -> PREEMPTED ->
+  requeue -> resume, twice; the finished run's losses equal the uninterrupted run's;
 - a 2-node `deepspeed --hostfile --no_ssh --node_rank r` run across the namespaces without SLURM.
 """
 import importlib.util
@@ -73,6 +73,10 @@ def sft_run(slurm_cluster, tiny_assets, tmp_path_factory):
 def test_sft_template_two_hosts(sft_run):
     info, log, out = sft_run
     recs = assert_trained_across_hosts(info, log, out)
+    job = int(info["JobId"])
+    # the launch layer: hostfile from the allocation, node 0's NodeAddr (not its name), job-derived port
+    assert (out.parent / "logs" / str(job) / "hostfile").read_text() == "node1 slots=1\nnode2 slots=1\n"
+    assert f"--master_addr 10.200.0.1 --master_port {20000 + job % 40000} --node_rank $SLURM_NODEID" in log
     assert recs[STEPS]["loss"] < recs[1]["loss"]
     from transformers import AutoModelForCausalLM
 
