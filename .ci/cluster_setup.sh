@@ -21,10 +21,15 @@ command -v setpriv   >/dev/null || need+=(util-linux)
 
 if ((${#need[@]})); then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null
+    log=$(mktemp)
     # The tests start their own daemons with their own config, key and sockets under /tmp;
     # the packaged services are not used (and without systemd they are not started).
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        exit 1
+    fi
+    rm -f "$log"
 fi
 
 echo "cluster_setup: $(slurmctld -V), $(munged --version 2>&1 | head -1)"
