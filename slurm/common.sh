@@ -73,10 +73,10 @@ echo "[medgpt] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) stage=$STAG
 
 # ---------------------------------------------------------------------------- preemption
 # `#SBATCH --signal=B:USR1@<secs>` sends USR1 to THIS shell only (without "B:" slurm would signal
-# the deepspeed launchers, which have no USR1 handler and die). We turn it (and a TERM from
-# scancel/preemption) into the trainer's stop file: rank 0 sees it at the next step, every rank
-# saves a complete checkpoint, the trainer writes PREEMPTED and exits 0; then we requeue the job
-# and the rerun resumes with --resume_from_checkpoint auto.
+# the deepspeed launchers, which have no USR1 handler and die). We turn it (and a TERM to this
+# shell) into the trainer's stop file: rank 0 sees it at the next step, every rank saves a
+# complete checkpoint, the trainer writes PREEMPTED and exits 0; then we requeue the job and the
+# rerun resumes with --resume_from_checkpoint auto.
 STOP_FILE=$OUTPUT_DIR/.stop
 PREEMPTED_FILE=$OUTPUT_DIR/PREEMPTED
 MAX_REQUEUES=${MAX_REQUEUES:-20}
@@ -128,10 +128,11 @@ run_training() {
 
     echo "[medgpt] srun ${srun_args[*]} $DEEPSPEED ${ds_args[*]} --node_rank \$SLURM_NODEID $TRAIN_SCRIPT $* ${extra[*]}"
     # In the background so the traps above run while the step is going (bash delays traps
-    # until a foreground child exits). On a TERM to the whole step (time limit without the USR1
-    # warning, preemption, scancel) the deepspeed runner would die at once and srun would then
-    # kill everything: it ignores TERM (`trap "" TERM` is inherited through exec), while
-    # deepspeed.launcher.launch passes TERM to the ranks, which checkpoint and exit.
+    # until a foreground child exits). The node's deepspeed runner ignores TERM (`trap "" TERM`
+    # survives exec): on a TERM to the step's processes (`scancel --signal=TERM <job>`) it would
+    # die at once and srun would kill the ranks mid-checkpoint; deepspeed.launcher.launch below
+    # it passes TERM to the ranks, which checkpoint and exit. (A TERM that reaches srun itself,
+    # e.g. the time limit without the USR1 warning, makes srun SIGKILL every task.)
     srun "${srun_args[@]}" bash -c 'trap "" TERM; exec "$0" --node_rank "$SLURM_NODEID" "$@"' \
         "$DEEPSPEED" "${ds_args[@]}" "$TRAIN_SCRIPT" "$@" "${extra[@]}" &
     local pid=$! rc=0
