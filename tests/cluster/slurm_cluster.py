@@ -25,6 +25,34 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO / ".venv" / "bin"
+# DeepSpeed's JIT ops (deepspeed_shm_comm on CPU): `make test` shares .cache/torch_extensions
+# (built by the earlier tests); run alone, the cluster tests use a directory of their own, since
+# the venv's ninja (1.13) and Debian's (1.11) hash build commands differently and processes that
+# find different ninjas first on PATH rebuild a shared directory back and forth (1-2 min each).
+TORCH_EXT_DIR = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or REPO / ".cache" / "torch_extensions_cluster")
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """Environment for sbatch/deepspeed in tests: the project's venv first on PATH, CPU-sized."""
+    path = os.environ.get("PATH", "")
+    if VENV_BIN.is_dir():
+        path = f"{VENV_BIN}:{path}"
+    env = {
+        "PATH": path,
+        "PYTHONPATH": str(REPO),
+        "TORCH_EXTENSIONS_DIR": str(TORCH_EXT_DIR),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "REPO_DIR": str(REPO),
+    }
+    env.update(extra)
+    return env
+
+
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "srun", "munged")
 SYS_TOOLS = ("ip", "nsenter", "unshare", "setpriv")
 SUBNET = "10.200.0"
@@ -340,6 +368,60 @@ def reap_stale(tmp: str = "/tmp"):
             except (OSError, ValueError):
                 pass
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- jobs in tests
+def submit(cluster: SlurmCluster, template: str, tmp_path: Path, env: dict[str, str], *sbatch_args: str) -> tuple[int, Path]:
+    """sbatch a project template from the repo root with `env`; returns (job id, its output file)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "job-%j.out"
+    job = cluster.sbatch(str(REPO / template), f"--output={log}", *sbatch_args, env=env, cwd=str(REPO))
+    return job, tmp_path / f"job-{job}.out"
+
+
+def run_template(cluster: SlurmCluster, template: str, tmp_path: Path, env: dict[str, str], *sbatch_args: str,
+                 timeout: float = 240) -> tuple[dict, str]:
+    """Submit, wait for the end; returns (final `scontrol show job` record, the job's output)."""
+    job, log = submit(cluster, template, tmp_path, env, *sbatch_args)
+    info = cluster.wait_job(job, timeout)
+    return info, log.read_text(errors="replace") if log.exists() else ""
+
+
+def wait_for_log(cluster, job, log, needle, timeout=180, after=""):
+    """Poll the job's output until `needle` appears (after the last `after`, when given)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if after:
+            text = text[text.rindex(after):] if after in text else ""
+        if needle in text:
+            return
+        if cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"{needle!r} never appeared in {log}:\n" + (log.read_text() if log.exists() else "(no log)"))
+
+
+def wait_requeued_and_release(cluster, job, restarts=1, timeout=180):
+    """Wait until the job was requeued `restarts` times; then lift slurmctld's requeue hold-off.
+
+    slurmctld makes a requeued job eligible only ~2 minutes later (EligibleTime); a real cluster
+    just waits, the test sets StartTime=now so the rerun starts at once.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = cluster.job(job)
+        n, state = int(info.get("Restarts", "0")), info.get("JobState")
+        if n >= restarts and state == "PENDING":
+            r = cluster.host_run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+            assert r.returncode == 0, r.stderr
+            return info
+        if n >= restarts and state in ("RUNNING", "COMPLETED"):
+            return info
+        if n < restarts and state in ("COMPLETED", "FAILED", "CANCELLED"):
+            raise AssertionError(f"job {job} ended {state} after {n} requeues, expected {restarts}")
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} was not requeued {restarts}x within {timeout}s: {cluster.job(job)}")
 
 
 if __name__ == "__main__":  # manual smoke: python tests/cluster/slurm_cluster.py

@@ -6,7 +6,7 @@ at the trainer. The templates with the real trainer are in test_training.py.
 import json
 
 import pytest
-from conftest import REPO, job_env, run_template
+from slurm_cluster import REPO, job_env, run_template
 
 pytestmark = pytest.mark.cluster
 

@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, job_env, run_template, submit, wait_for_log, wait_requeued_and_release
+from slurm_cluster import REPO, job_env, run_template, submit, wait_for_log, wait_requeued_and_release
 
 pytestmark = pytest.mark.cluster
 
