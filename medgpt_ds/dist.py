@@ -125,6 +125,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not (torch.distributed.is_initialized() and world_size() > 1):
+        return [obj]
+    out: list = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def hostname() -> str:
     return socket.gethostname()
 
