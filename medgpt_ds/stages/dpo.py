@@ -136,12 +136,7 @@ def precompute_reference(cfg, a: Arguments, engine, tokenizer, ds_config: dict, 
         if ref is not engine:
             del ref
             gc.collect()
-        gathered = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(gathered, local)
-        else:
-            gathered = [local]
-        for part in gathered:
+        for part in dist.all_gather_object(local):
             table.update(dict(part))
         if dist.is_main():
             keys = sorted(table)
