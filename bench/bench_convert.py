@@ -141,7 +141,7 @@ def _dir_bytes(path: str) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--stage", type=int, default=3)
@@ -173,8 +173,14 @@ def main() -> None:
         ckpt = os.path.join(args.workdir, f"{size}-z{args.stage}-w{args.world_size}")
         if not os.path.isfile(os.path.join(ckpt, "latest")):
             print(f"[{size}] making a ZeRO-{args.stage} x {args.world_size} checkpoint ...", flush=True)
+            import socket
+
+            with socket.socket() as sock:  # a free port: 29500 may be taken by another run
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
             launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-            subprocess.run([launcher, "--num_gpus", str(args.world_size), os.path.abspath(__file__),
+            subprocess.run([launcher, "--num_gpus", str(args.world_size), "--master_port", str(port),
+                            os.path.abspath(__file__),
                             "--_make", size, "--out", ckpt, "--stage", str(args.stage)],
                            cwd=ROOT, env=env, check=True, capture_output=True)
         cfg = llama_config(size)

@@ -81,7 +81,7 @@ def write_records(records: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="files or folders in any accepted format")
     ap.add_argument("--output", required=True, help="output .jsonl or .json file")
     ap.add_argument("--to", required=True, choices=SFT_TARGETS + PREF_TARGETS)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base_tokenizer", required=True, help="folder of the base model's tokenizer")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--domain_corpus", nargs="+", help="files or folders of domain text (any pt format)")

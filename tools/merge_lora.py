@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base_model", required=True, help="base model folder (safetensors)")
     ap.add_argument("--adapter", "--lora_model", dest="adapter", required=True, help="PEFT adapter folder")
     ap.add_argument("--output_dir", required=True)

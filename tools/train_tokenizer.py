@@ -39,7 +39,7 @@ def corpus_stats(tok, docs: list[str], n: int = 1000) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", nargs="+", required=True, help="files or folders")
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--type", default="bpe", choices=["bpe", "sentencepiece", "unigram"],

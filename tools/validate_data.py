@@ -246,7 +246,7 @@ def print_report(report: dict, max_errors: int, out=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", help="files or folders (or pass them with --data)")
     ap.add_argument("--data", nargs="+", default=[], help="files or folders")
     group = ap.add_mutually_exclusive_group(required=True)

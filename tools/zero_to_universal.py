@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint_dir", required=True, help="tag dir (output_dir/checkpoint-N) or output_dir (uses `latest`)")
     ap.add_argument("--output_dir", default=None, help="default: <output_dir>/<tag>-universal")
     ap.add_argument("--workers", type=int, default=1, help="parallel extract/merge processes")
