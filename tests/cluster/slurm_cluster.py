@@ -291,6 +291,18 @@ GresTypes=gpu
             self.host_run(["scancel", str(job_id)])
             raise
 
+    def job_steps_alive(self, job_id: int) -> list[int]:
+        """Pids of this job's slurmstepd processes (batch and steps) still on our hosts."""
+        tag = f"slurmstepd: [{job_id}.".encode()
+        alive = []
+        for pid in self._netns_pids():
+            try:
+                if open(f"/proc/{pid}/cmdline", "rb").read().startswith(tag):
+                    alive.append(pid)
+            except OSError:
+                pass
+        return alive
+
     def cancel_all(self):
         self.host_run(["scancel", "--full", "-u", "root"])
 
@@ -406,13 +418,15 @@ def wait_requeued_and_release(cluster, job, restarts=1, timeout=180):
     """Wait until the job was requeued `restarts` times; then lift slurmctld's requeue hold-off.
 
     slurmctld makes a requeued job eligible only ~2 minutes later (EligibleTime); a real cluster
-    just waits, the test sets StartTime=now so the rerun starts at once.
+    just waits, the test sets StartTime=now so the rerun starts at once, but only once the previous
+    run's slurmstepds are gone: a rerun started while the old batch step still completes gets
+    that step's exit status and ends FAILED (the race the hold-off protects against).
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = cluster.job(job)
         n, state = int(info.get("Restarts", "0")), info.get("JobState")
-        if n >= restarts and state == "PENDING":
+        if n >= restarts and state == "PENDING" and not cluster.job_steps_alive(job):
             r = cluster.host_run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
             assert r.returncode == 0, r.stderr
             return info
