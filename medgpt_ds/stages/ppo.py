@@ -95,7 +95,10 @@ def run(cfg) -> Optional[loop.TrainState]:
     set_zero3_init(ds_config)
     critic_lr = a.critic_learning_rate or t.learning_rate
     critic_cfg = json.loads(json.dumps(ds_config))
+    critic_cfg.pop("hybrid_engine", None)  # the critic never generates
     critic_cfg["optimizer"]["params"]["lr"] = critic_lr
+    if "warmup_max_lr" in critic_cfg.get("scheduler", {}).get("params", {}):
+        critic_cfg["scheduler"]["params"]["warmup_max_lr"] = critic_lr
     critic_model = load_critic(cfg, critic_path, r.tokenizer, critic_cfg)
     no_dropout(critic_model)
     critic, _, _ = eng.init_train_engine(critic_model, critic_cfg, dataclasses.replace(t, learning_rate=critic_lr),
