@@ -77,23 +77,49 @@ def test_grpo_two_ranks_zero3_different_lengths_and_exact_resume(tmp_path, asset
 
 
 @pytest.mark.smoke
-def test_grpo_lora_on_medicalgpt_sample(tmp_path, assets):
+def test_grpo_lora_on_medicalgpt_sample_stop_file_and_resume(tmp_path, assets):
     data = os.path.join(SHARED_DATA, "grpo", "sample.jsonl")
     if not os.path.isfile(data):
         pytest.skip(f"MedicalGPT sample data not found at {data}")
     out = tmp_path / "real"
-    p = train(_args(assets, out, "--train_file_dir", data, "--use_peft", "--lora_rank", "4",
-                    "--reward_funcs", "format,answer_normalized", "--num_generations", "4",
-                    "--per_device_train_batch_size", "8", "--max_new_tokens", "8", "--max_source_length", "96",
-                    "--max_steps", "2", "--save_steps", "0"))
-    assert "32 prompt records" in p.stdout
+    args = _args(assets, out, "--train_file_dir", data, "--use_peft", "--lora_rank", "4",
+                 "--reward_funcs", "format,answer_normalized", "--num_generations", "4",
+                 "--per_device_train_batch_size", "8", "--max_new_tokens", "8", "--max_source_length", "96",
+                 "--max_steps", "2", "--save_steps", "0")
+    out.mkdir()
+    (out / ".stop").write_text("")  # as a scheduler's stop request: finish the step, checkpoint, exit
+    p = train(args + ["--overwrite_output_dir"])
+    assert "32 prompt records" in p.stdout and "stop requested" in p.stdout
+    assert os.path.isfile(out / "PREEMPTED") and os.path.isdir(out / "checkpoint-1") and not os.path.exists(out / ".stop")
+    train(args + ["--resume_from_checkpoint", "auto"])
     rec = metrics(out)
     assert [r["step"] for r in rec] == [1, 2] and all(r["kl"] >= 0 for r in rec)
     assert os.path.isfile(out / "adapter_model.safetensors")  # LoRA: the adapter is the export
+    assert not os.path.exists(out / "PREEMPTED")
 
 
+@pytest.mark.smoke
 def test_ds_hybrid_is_refused_on_cpu_before_loading(tmp_path, assets):
     p = train(_args(assets, tmp_path / "dsh", "--rollout_backend", "ds_hybrid", "--max_steps", "1"), check=False)
     assert p.returncode != 0
     assert "CUDA kernels only" in p.stderr and "--rollout_backend hybrid" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.unit
+def test_grpo_flags(assets):
+    from medgpt_ds.config import parse_args
+    from medgpt_ds.stages.grpo import Arguments
+
+    cfg = parse_args(["--stage", "grpo", "--model_name_or_path", assets["actor"], "--output_dir", "x",
+                      "--loss_type", "token", "--scale_rewards", "False", "--reward_funcs", "format,answer_choice",
+                      "--reward_weights", "0.5,1", "--stop", r"</answer>,\n"], {"grpo": Arguments})
+    a = cfg.stage_args
+    assert a.loss_type == "bnpo" and a.scale_rewards is False and a.stop_strings() == ["</answer>", "\n"]
+    assert Arguments(loss_type="sequence").loss_type == "grpo"
+    for bad, match in (({"loss_type": "mean"}, "loss_type"), ({"num_generations": 1}, "num_generations"),
+                       ({"num_iterations": 0}, "num_iterations"), ({"beta": -1.0}, "beta")):
+        with pytest.raises(ValueError, match=match):
+            Arguments(**bad)
+    with pytest.raises(SystemExit, match="num_generations"):
+        parse_args(["--stage", "grpo", "--output_dir", "x", "--num_generations", "1"], {"grpo": Arguments})

@@ -94,3 +94,19 @@ def test_ppo_lora_on_medicalgpt_sft_prompts(tmp_path, assets):
     assert [r["step"] for r in rec] == [1, 2] and all(r["response_length"] > 0 for r in rec)
     # LoRA: the reference is the actor with its adapter disabled; the adapter is the export
     assert os.path.isfile(out / "adapter_model.safetensors") and os.path.isdir(out / "checkpoint-2" / "critic")
+
+
+@pytest.mark.unit
+def test_ppo_flags(assets):
+    from medgpt_ds.config import parse_args
+    from medgpt_ds.stages.ppo import Arguments
+
+    cfg = parse_args(["--stage", "ppo", "--sft_model_path", assets["actor"], "--reward_model_path", assets["rm"],
+                      "--output_dir", "x", "--kl_estimator", "k3", "--adaptive_kl", "--missing_eos_penalty", "1.0",
+                      "--rollout_backend", "per_token"], {"ppo": Arguments})
+    a = cfg.stage_args
+    assert (a.kl_estimator, a.adaptive_kl, a.missing_eos_penalty, a.rollout_backend) == ("k3", True, 1.0, "per_token")
+    for bad, match in (({"ppo_epochs": 0}, "ppo_epochs"), ({"lam": 1.5}, "lam"), ({"kl_coef": -0.1}, "kl_coef"),
+                       ({"cliprange": 0.0}, "cliprange")):
+        with pytest.raises(ValueError, match=match):
+            Arguments(**bad)
