@@ -133,8 +133,10 @@ def load(engine, ckpt_dir: str, *, load_universal: bool = False, extra_engines: 
     load_dir, tag = os.path.split(ckpt_dir.rstrip("/"))
     if load_universal:
         engine._config.load_universal_checkpoint = True
+    # a universal checkpoint re-partitions the optimizer, whose param groups the saved LR-scheduler
+    # state no longer matches: rebuild the schedule and fast-forward it to the saved step instead
     path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=not load_universal)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt_dir}")
     for name, other in (extra_engines or {}).items():
@@ -143,6 +145,9 @@ def load(engine, ckpt_dir: str, *, load_universal: bool = False, extra_engines: 
             raise RuntimeError(f"could not load the {name} engine from {ckpt_dir}/{name}")
     with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
         state = json.load(f)
+    if load_universal and engine.lr_scheduler is not None:
+        for _ in range(state["global_step"]):
+            engine.lr_scheduler.step()
     rng_file = os.path.join(ckpt_dir, f"rng_state_{dist.rank()}.pth")
     saved_world = state.pop("world_size", None)
     if saved_world == dist.world_size() and os.path.isfile(rng_file):

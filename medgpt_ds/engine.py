@@ -222,6 +222,8 @@ def init_frozen_engine(model: torch.nn.Module, ds_config: dict):
 def build_ds_config(cfg, *, hidden_size: Optional[int], num_training_steps: int) -> dict:
     """Load --deepspeed (or the ZeRO-0 default), resolve it, write it to output_dir (rank 0)."""
     raw = load_ds_config(cfg.train.deepspeed)
+    if cfg.train.load_universal:  # must be known at initialize time, not only at load
+        raw.setdefault("checkpoint", {})["load_universal"] = True
     resolved = resolve_ds_config(raw, cfg.train, world_size=dist.world_size(), hidden_size=hidden_size,
                                  num_training_steps=num_training_steps, source=cfg.train.deepspeed or "default config")
     if dist.is_main():
