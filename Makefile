@@ -31,7 +31,7 @@ demo: setup
 
 test: $(BIN)/.installed-test
 	$(BIN)/ruff check medgpt_ds launch tools tests bench
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "not cluster" -p no:cacheprovider
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "not cluster" -p no:cacheprovider --durations=20
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m cluster -p no:cacheprovider tests/cluster || test $$? -eq 5
 
 test-fast: $(BIN)/.installed-test
