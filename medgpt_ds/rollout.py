@@ -1,6 +1,12 @@
-"""Rollouts for ppo/grpo: advantage and KL math (top), generation backends (below).
+"""Rollouts for ppo/grpo, in three sections:
 
-The math section is pure tensor code: no engine, no device moves, no collectives.
+- advantages and KL: pure tensor math (GAE, whitening, group advantages, KL estimators and
+  controllers, reward shaping): no engine, no device moves, no collectives;
+- generation backends: ``backend.generate(prompt_ids) -> Generation`` ("hybrid" gathers ZeRO-3
+  shards once per rollout; "per_token", "ds_hybrid", "vllm"), and scoring of rollouts (log-probs,
+  critic values, reward-model scores, rule rewards);
+- run setup shared by the ppo and grpo stages (prompts, batch arithmetic, engines, export); their
+  rollout/update loops stay in the stage files.
 """
 
 from __future__ import annotations
@@ -184,7 +190,7 @@ class RolloutArguments:
                                         "(with --use_peft: the actor with its adapter disabled, no second copy)."})
     reward_model_path: Optional[str] = field(
         default=None, metadata={"help": "Reward model (the rm stage's HF export, a sequence classifier with one "
-                                        "label, scored at the last response token)."})
+                                        "label, read at the last non-pad token as in rm training)."})
     reward_model_weight: float = field(default=1.0, metadata={"help": "Weight of the reward model's score in the reward."})
     reward_funcs: Optional[str] = field(
         default=None, metadata={"help": "Comma-separated rule rewards: format, answer_exact, answer_normalized, "
@@ -204,7 +210,8 @@ class RolloutArguments:
                                                                 "response ends with the string; eos and the "
                                                                 "template's end-of-turn always stop)."})
     generation_batch_size: Optional[int] = field(
-        default=None, metadata={"help": "Prompts per generate() call on a rank (default: the whole rollout at once)."})
+        default=None, metadata={"help": "Responses per generate() call on a rank (default: the whole rollout at once; "
+                                        "the ZeRO-3 gather still happens once)."})
     rollout_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Prompts per rank per step (default: one optimizer step's worth)."})
     kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimator to the reference: k1, k2, k3."})
