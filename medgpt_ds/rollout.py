@@ -671,9 +671,10 @@ class RLSetup:
         if cfg.model.model_config:
             raise SystemExit(f"error: --stage {t.stage} starts from a trained policy (--sft_model_path), not --model_config")
         for flag in ("sft_model_path", "ref_model_path", "reward_model_path", "critic_model_path"):
-            path = getattr(a, flag, None)
-            if path and not os.path.isdir(path):
-                raise SystemExit(f"error: --{flag} {path}: no such directory (give a local HF model dir)")
+            path = getattr(a, flag, None)  # a local dir, or a hub id (resolved from the hub cache)
+            if path and not os.path.exists(os.path.expanduser(path)) and (
+                    path.startswith(("/", ".", "~")) or path.count("/") != 1):
+                raise SystemExit(f"error: --{flag} {path}: no such directory")
         if a.reward_model_path and os.path.isfile(os.path.join(a.reward_model_path, "adapter_config.json")):
             raise SystemExit(f"error: --reward_model_path {a.reward_model_path} is a LoRA adapter; merge it into its "
                              "base first (tools/merge_lora.py) and pass the merged dir")
