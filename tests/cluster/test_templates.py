@@ -86,8 +86,9 @@ def split_launch(argv):
 
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.name)
-def test_template_launch_line_and_trainer_flags(template, stubs):
+def test_template_launch_line_and_trainer_flags(template, stubs, monkeypatch):
     tmp_path, env = stubs
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the templates name hub models; parsing must not reject them offline
     r = run(template, env)
     assert r.returncode == 0, r.stdout + r.stderr
     runs = launches(tmp_path)
