@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def base_args(tmp_path, *extra):
-    return ["--stage", "sft", "--model_config", "tiny", "--tokenizer_name_or_path", str(tmp_path),
+    return ["--stage", "sft", "--model_name_or_path", str(tmp_path), "--tokenizer_name_or_path", str(tmp_path),
             "--output_dir", str(tmp_path / "out"), *extra]
 
 
