@@ -54,7 +54,8 @@ def test_grpo_learns_a_rule_reward(tmp_path, assets):
 def test_grpo_two_ranks_zero3_different_lengths_and_exact_resume(tmp_path, assets):
     ds = ds_config_copy(tmp_path, "zero3", stage3_param_persistence_threshold=0)
     args = ["--reward_model_path", assets["rm"], "--reward_funcs", f"{RULE},format", "--reward_weights", "1.0,0.5",
-            "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_new_tokens", "10",
+            "--num_generations", "4", "--per_device_train_batch_size", "2", "--max_new_tokens", "10",
+            "--loss_type", "dapo", "--epsilon_high", "0.28",  # 2 minibatches per rollout: old log-probs, clipping
             "--stop", "e", "--max_steps", "4", "--save_steps", "2", "--deepspeed", ds]
     full, part = tmp_path / "full", tmp_path / "part"
     train(_args(assets, full, *args), nproc=2)
@@ -64,6 +65,7 @@ def test_grpo_two_ranks_zero3_different_lengths_and_exact_resume(tmp_path, asset
     assert any(r["generation_steps_min"] != r["generation_steps_max"] for r in m_full.values()), m_full
     assert all(0.0 < r["eos_fraction"] <= 1.0 for r in m_full.values())  # the stop string ended responses
     assert "reward/reward_model" in m_full[1] and "reward/format" in m_full[1]
+    assert all(r["kl"] > 0 for s, r in m_full.items() if s > 1)  # the policy moved off the reference
     assert os.path.isfile(full / "model.safetensors")
 
     crash = train(_args(assets, part, *args), nproc=2, check=False, MEDGPT_DEBUG_FAIL_RANK="1",
