@@ -11,6 +11,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# DeepSpeed JIT-builds its CPU comm op with the first `ninja` on PATH; a different ninja version
+# hashes the build differently and rebuilds it (1-2 min) in the shared extensions dir: use ours.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 from medgpt_ds.cli import main  # noqa: E402
 
