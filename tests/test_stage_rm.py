@@ -128,4 +128,12 @@ def test_rm_real_medicalgpt_pairs(tmp_path, tiny_base_dir):
                "--output_dir", str(out), "--report_to", "none"])
     assert "rm train: 48 of 48 pairs kept" in p.stdout and "truncated" in p.stdout
     assert sorted(losses(str(out))) == [1, 2, 3] and all(math.isfinite(v) for v in losses(str(out)).values())
-    assert (out / "model.safetensors").exists()
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()  # the full reward model loads by itself
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
+    enc = tok(["感冒了怎么办？多休息。", "感冒了怎么办？不知道"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        scores = model(**enc).logits
+    assert scores.shape == (2, 1) and torch.isfinite(scores).all()
