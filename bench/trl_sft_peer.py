@@ -26,6 +26,13 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--local_rank", type=int, default=0)
     a = ap.parse_args()
+    if "RANK" not in os.environ:  # plain `python`: a world of one (the HF Trainer's DeepSpeed init needs the env)
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
