@@ -32,4 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, DSConfigError) as e:
         # bad input: one clear line naming the file/line/flag, before any training
         raise SystemExit(f"error: {e}")
+    _shutdown()
     return 0 if state is not None else 1
+
+
+def _shutdown() -> None:
+    """Tear the process group down before interpreter exit: leaving gloo's threads to static
+    destructors can abort a finished run at exit ("terminate called without an active exception")."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
