@@ -32,7 +32,10 @@ demo: setup
 test: $(BIN)/.installed-test
 	$(BIN)/ruff check medgpt_ds launch tools tests bench
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "not cluster" -p no:cacheprovider --durations=20
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m cluster -p no:cacheprovider tests/cluster || test $$? -eq 5
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m cluster -p no:cacheprovider --reruns 1 --durations=10 tests/cluster || test $$? -eq 5
+
+test-cluster: $(BIN)/.installed-test
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m cluster -p no:cacheprovider --reruns 1 -rs tests/cluster
 
 test-fast: $(BIN)/.installed-test
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "unit" -p no:cacheprovider
