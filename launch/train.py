@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 8 launch/train.py --stage pt ...
     python launch/train.py recipe.yaml --learning_rate 1e-4      # YAML recipe + overrides
 """
+import logging
 import os
 import sys
 
@@ -18,4 +19,12 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 from medgpt_ds.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()  # errors raise SystemExit with their message, as usual
+    # A finished run has written, flushed and closed everything (checkpoints, export, metrics) and
+    # torn its process group down. Skip the interpreter's teardown: there, torch/gloo/DeepSpeed C++
+    # objects are destroyed in arbitrary order and a finished multi-node run occasionally died with
+    # SIGABRT ("terminate called without an active exception"), turning a COMPLETED job FAILED.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

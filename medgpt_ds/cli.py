@@ -39,8 +39,13 @@ def main(argv: list[str] | None = None) -> int:
 def _shutdown() -> None:
     """Tear the process group down before interpreter exit: leaving gloo's threads to static
     destructors can abort a finished run at exit ("terminate called without an active exception")."""
+    import gc
+
     import torch
 
+    # DeepSpeed engines live in reference cycles (module hooks): free them, and the pending
+    # collective handles they keep, while the process group is still alive.
+    gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
