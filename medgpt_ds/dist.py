@@ -64,6 +64,29 @@ def init(timeout_s: int = 1800) -> None:
         get_accelerator().set_device(local_rank())
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     _initialized = True
+    _unlink_cpu_shm_segment()
+
+
+def _unlink_cpu_shm_segment() -> None:
+    """DeepSpeed's CPU all-reduce (when every rank is on one host, LOCAL_SIZE == WORLD_SIZE) gives
+    each rank a ~69 MB POSIX shared-memory segment, `/dev/shm/deepspeed_allreduce_buffer_<uid>_
+    <MASTER_ADDR>_<MASTER_PORT>_<rank>`, and never unlinks it: every CPU run left 69 MB of RAM per
+    rank in /dev/shm until reboot (20 GB after a day of test runs here). Once every rank has mapped
+    every other rank's segment (init_distributed returned everywhere: the barrier), the names are
+    not needed any more: each rank unlinks its own. The mappings stay valid until the process exits,
+    and nothing is left behind even when a rank is killed."""
+    from deepspeed.accelerator import get_accelerator
+
+    local_size = os.environ.get("LOCAL_SIZE", "")
+    if get_accelerator().device_name() != "cpu" or not local_size.isdigit() or int(local_size) != world_size():
+        return
+    torch.distributed.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # the shm op is not built/compatible here: DeepSpeed used plain gloo
+        pass
 
 
 def rank() -> int:

@@ -29,13 +29,14 @@ def env(**extra) -> dict:
     return e
 
 
-def train(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600, **env_extra) -> subprocess.CompletedProcess:
+def train(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600, port: int | None = None,
+          **env_extra) -> subprocess.CompletedProcess:
     """Run launch/train.py with 1 rank (plain python) or N ranks (the deepspeed launcher)."""
     if nproc == 1:
         cmd = [PY, os.path.join(ROOT, "launch", "train.py"), *args]
     else:
         cmd = [os.path.join(os.path.dirname(PY), "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), os.path.join(ROOT, "launch", "train.py"), *args]
+               str(port or free_port()), os.path.join(ROOT, "launch", "train.py"), *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"train failed (rc {p.returncode}): {' '.join(cmd)}\n--- stdout\n{p.stdout[-6000:]}\n"
