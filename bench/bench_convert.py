@@ -60,6 +60,9 @@ def make_checkpoint(size: str, out: str, stage: int) -> None:
     from medgpt_ds.tokenizer import train_bpe_tokenizer
 
     deepspeed.init_distributed(dist_backend="gloo")
+    from medgpt_ds.dist import unlink_cpu_shm_segment
+
+    unlink_cpu_shm_segment()
     rank = int(os.environ["RANK"])
     torch.manual_seed(0)
     config = llama_config(size)

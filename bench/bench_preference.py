@@ -161,6 +161,9 @@ def trl_peer(a) -> None:
 
     trainer.data_collator = counting
     trainer.train()
+    from medgpt_ds.dist import unlink_cpu_shm_segment
+
+    unlink_cpu_shm_segment()  # DeepSpeed (via the HF Trainer) leaves its CPU shm segments otherwise
     # the last `steps` collated batches are the training ones (precomputing the reference comes first)
     tokens = torch.tensor(per_step[-a.steps:], dtype=torch.float64)
     if torch.distributed.is_initialized():

@@ -75,6 +75,9 @@ def main() -> None:
 
     trainer.data_collator = counting
     trainer.train()
+    from medgpt_ds.dist import unlink_cpu_shm_segment
+
+    unlink_cpu_shm_segment()  # DeepSpeed (via the HF Trainer) leaves its CPU shm segments otherwise
     dt = time.perf_counter() - clock.t0
     real = trainer._total_train_tokens - clock.start_tokens
     # TRL counts padding-free positions as tokens; real tokens = non-pad ids over all processed batches

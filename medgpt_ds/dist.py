@@ -64,10 +64,10 @@ def init(timeout_s: int = 1800) -> None:
         get_accelerator().set_device(local_rank())
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     _initialized = True
-    _unlink_cpu_shm_segment()
+    unlink_cpu_shm_segment()
 
 
-def _unlink_cpu_shm_segment() -> None:
+def unlink_cpu_shm_segment() -> None:
     """DeepSpeed's CPU all-reduce (when every rank is on one host, LOCAL_SIZE == WORLD_SIZE) gives
     each rank a ~69 MB POSIX shared-memory segment, `/dev/shm/deepspeed_allreduce_buffer_<uid>_
     <MASTER_ADDR>_<MASTER_PORT>_<rank>`, and never unlinks it: every CPU run left 69 MB of RAM per
