@@ -59,10 +59,9 @@ def make_checkpoint(size: str, out: str, stage: int) -> None:
     from medgpt_ds.convert import write_hf_meta
     from medgpt_ds.tokenizer import train_bpe_tokenizer
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    from medgpt_ds.dist import unlink_cpu_shm_segment
+    from medgpt_ds import dist
 
-    unlink_cpu_shm_segment()
+    dist.init()  # the trainer's init: gloo on CPU, and DeepSpeed's CPU shm segments unlinked
     rank = int(os.environ["RANK"])
     torch.manual_seed(0)
     config = llama_config(size)
