@@ -24,12 +24,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: stage {stage!r} is not available in this version of medgpt-ds")
         raise
     cfg = parse_args(argv, {stage: getattr(module, "Arguments", None)})
-    from medgpt_ds.data.formats import DataError
-    from medgpt_ds.engine import DSConfigError
+    from medgpt_ds.errors import UserError
 
     try:
         state = module.run(cfg)
-    except (DataError, DSConfigError) as e:
+    except UserError as e:
         # bad input: one clear line naming the file/line/flag, before any training
         raise SystemExit(f"error: {e}")
     _shutdown()

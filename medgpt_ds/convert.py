@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 
+from medgpt_ds.errors import UserError
+
 META_DIR = "hf_meta"
 META_FILE = "medgpt_meta.json"
 META_VERSION = 1
@@ -168,7 +170,7 @@ _OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_state
 _MODEL3_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint (or its combination with other inputs) that cannot be converted."""
 
 

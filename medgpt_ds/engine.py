@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from medgpt_ds import dist
+from medgpt_ds.errors import UserError
 
 # ZeRO-0, used when --deepspeed is not given (plain `python launch/train.py` on a laptop).
 DEFAULT_DS_CONFIG: dict = {
@@ -29,7 +30,7 @@ DEFAULT_DS_CONFIG: dict = {
 }
 
 
-class DSConfigError(ValueError):
+class DSConfigError(UserError):
     pass
 
 

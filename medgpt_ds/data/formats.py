@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from medgpt_ds.errors import UserError
+
 KINDS = ("pt", "sft", "preference", "prompt")
 DEFAULT_EXTS = (".jsonl", ".json", ".txt", ".parquet")
 
@@ -27,7 +29,7 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
           "system": "system"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem in a data file; the message reads `path:LINE: field 'name': problem`."""
 
 
