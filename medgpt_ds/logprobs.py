@@ -6,8 +6,11 @@ Pure tensor functions: no engine, no device moves, no collectives. The causal sh
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -46,6 +49,59 @@ def token_logprobs(
         picked = logits.gather(-1, safe_labels).squeeze(-1)  # (B, T-1)
         logps = picked - torch.logsumexp(logits, dim=-1)
     return logps.masked_fill(~mask, 0.0), mask
+
+
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor | None = None,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logprobs` of ``head(hidden)`` without the (B, T, V) logits.
+
+    Only scored positions go through ``head``, ``chunk_size`` tokens at a time, each chunk
+    checkpointed (recomputed in backward), so memory holds one chunk of fp32 logits.
+
+    Args:
+        hidden: (B, T, H) final hidden states; ``head``: (N, H) -> (N, V) logits as the model computes them.
+        labels: (B, T) -> returns (B, T-1) exactly like :func:`token_logprobs`; or ``shift_labels``
+            (B, T) already shifted (a sequence-parallel shard) -> returns (B, T).
+
+    Returns:
+        ``(logps, mask)``: log-probs (float32 for fp16/bf16, as :func:`token_logprobs`), zero where ``mask`` is False.
+    """
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("pass exactly one of labels and shift_labels")
+    if shift_labels is None:
+        hidden, shift_labels = hidden[:, :-1], labels[:, 1:]  # (B, T-1, H), (B, T-1)
+    mask = shift_labels != ignore_index  # (B, T')
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))  # (B*T', H)
+    keep = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
+    scored_hidden = flat_hidden.index_select(0, keep)  # (N, H)
+    scored_labels = shift_labels.reshape(-1).index_select(0, keep)  # (N,)
+    parts = [checkpointed(_chunk_logps, scored_hidden[i:i + chunk_size], scored_labels[i:i + chunk_size], head)
+             for i in range(0, keep.numel(), chunk_size)]
+    dtype = torch.promote_types(flat_hidden.dtype, torch.float32)
+    picked = torch.cat(parts) if parts else flat_hidden.new_zeros(0, dtype=dtype)  # (N,)
+    logps = flat_hidden.new_zeros(flat_hidden.size(0), dtype=dtype).index_add(0, keep, picked.to(dtype))
+    return logps.view(mask.shape), mask
+
+
+def _chunk_logps(h: torch.Tensor, y: torch.Tensor, head: Callable) -> torch.Tensor:
+    # h: (n, H), y: (n,) -> (n,) log p(y | h), float32 for fp16/bf16 logits
+    logits = head(h)  # (n, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def checkpointed(fn: Callable, *args):
+    """``fn(*args)``, recomputed in backward instead of keeping its intermediates (the chunk logits)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
 
 def sequence_logprobs(logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:

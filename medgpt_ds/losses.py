@@ -14,10 +14,12 @@ when every micro-batch has the same number of pairs.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from medgpt_ds.logprobs import IGNORE_INDEX
+from medgpt_ds.logprobs import IGNORE_INDEX, checkpointed
 
 Metrics = dict[str, torch.Tensor]
 
@@ -62,6 +64,55 @@ def causal_lm_loss(
     local_mean = total / count.clamp(min=1)
     loss = local_mean if num_tokens is None else total / num_tokens
     return loss, {"nll": local_mean.detach(), "num_tokens": count.detach()}
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor | None = None,
+    num_tokens: float | torch.Tensor | None = None,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, Metrics]:
+    """:func:`causal_lm_loss` of ``head(hidden)`` without ever holding the (tokens x vocab) logits.
+
+    Only the scored positions go through ``head``, ``chunk_size`` tokens at a time; each chunk is
+    checkpointed (its logits are recomputed in backward instead of kept), so the loss's memory is one
+    chunk's fp32 logits whatever the sequence length. Values and gradients equal the plain loss up to
+    the order of the fp32 sums.
+
+    Args:
+        hidden: (B, T, H) final hidden states; ``head`` maps (N, H) -> (N, V) logits exactly as the
+            model does (output embedding plus any logit scaling or soft-capping).
+        labels: (B, T), shifted here like :func:`causal_lm_loss`; or ``shift_labels`` (B, T) already
+            shifted (position t is scored against ``shift_labels[:, t]``, as a sequence-parallel shard is).
+        num_tokens: see the module docstring.
+
+    Metrics: ``nll`` (local token mean, detached), ``num_tokens`` (local scored-token count).
+    """
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("pass exactly one of labels and shift_labels")
+    if shift_labels is None:
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T)
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))  # (B*T, H)
+    flat_labels = shift_labels.reshape(-1)  # (B*T,)
+    keep = (flat_labels != ignore_index).nonzero().squeeze(-1)  # (N,)
+    scored_hidden, scored_labels = flat_hidden.index_select(0, keep), flat_labels.index_select(0, keep)
+    total = flat_hidden.sum().float() * 0.0  # a float32 zero in the graph (backward works when N == 0)
+    for start in range(0, keep.numel(), chunk_size):
+        h, y = scored_hidden[start:start + chunk_size], scored_labels[start:start + chunk_size]
+        total = total + checkpointed(_nll_sum, h, y, head)
+    count = keep.new_tensor(keep.numel())
+    local_mean = total / count.clamp(min=1)
+    loss = local_mean if num_tokens is None else total / num_tokens
+    return loss, {"nll": local_mean.detach(), "num_tokens": count}
+
+
+def _nll_sum(h: torch.Tensor, y: torch.Tensor, head: Callable) -> torch.Tensor:
+    # h: (n, H), y: (n,) -> summed fp32 cross entropy of one chunk
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
 # --- reward model -----------------------------------------------------------------------------
