@@ -13,6 +13,7 @@ Model states (params, gradients, optimizer) come from DeepSpeed's estimators
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -62,6 +63,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # deepspeed and transformers log to stdout on import: keep stdout for the table / JSON
+    with contextlib.redirect_stdout(sys.stderr):
+        result = _estimate(args)
+    if isinstance(result, str):
+        print(f"error: {result}", file=sys.stderr)
+        return 2
+    arch, setup, est, fits = result
+    if args.json:
+        out = {k: getattr(est, k) for k in ("params", "grads", "optimizer", "deepspeed_states", "activations",
+                                            "logits", "overhead", "cpu_per_node", "tokens_per_rank")}
+        out.update(per_gpu=est.per_gpu, total_params=arch.total_params, trainable_params=arch.lora_params or arch.total_params,
+                   max_seq_len={f"{k:g}": v for k, v in fits.items()})
+        print(json.dumps(out, indent=2))
+    else:
+        from medgpt_ds import memory
+
+        print(memory.format_table(arch, setup, est, fits))
+    return 0
+
+
+def _estimate(args):
+    """(arch, setup, estimate, {GiB: longest sequence}) or the error message."""
     from medgpt_ds import memory
     from medgpt_ds.errors import UserError
 
@@ -93,17 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         est = memory.estimate(arch, setup)
         fits = {m: memory.max_seq_len(arch, setup, int(m * memory.GiB)) for m in gpu_mems}
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        out = {k: getattr(est, k) for k in ("params", "grads", "optimizer", "deepspeed_states", "activations",
-                                            "logits", "overhead", "cpu_per_node", "tokens_per_rank")}
-        out.update(per_gpu=est.per_gpu, total_params=arch.total_params, trainable_params=arch.lora_params or arch.total_params,
-                   max_seq_len={str(k): v for k, v in fits.items()})
-        print(json.dumps(out, indent=2))
-    else:
-        print(memory.format_table(arch, setup, est, fits))
-    return 0
+        return str(e)
+    return arch, setup, est, fits
 
 
 def _presets() -> dict:
