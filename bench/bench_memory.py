@@ -53,6 +53,20 @@ def make_corpus(workdir: str, n_words: int) -> str:
     return path
 
 
+def make_sft(workdir: str, n: int = 80) -> str:
+    """Generated conversations (~200 tokens each) to pack into full 4096-token rows."""
+    words = ("fever cough patient doctor infection virus treatment dose tablet blood pressure heart lung liver "
+             "kidney pain chronic acute symptom diagnosis test").split()
+    rng = random.Random(1)
+    path = os.path.join(workdir, "sft")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "train.jsonl"), "w") as f:
+        for _ in range(n):
+            q, a = (" ".join(rng.choice(words) for _ in range(k)) for k in (40, 100))
+            f.write(json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}) + "\n")
+    return path
+
+
 def make_model(workdir: str, name: str, hidden: int, layers: int, vocab: int, tok_dir: str) -> str:
     """A random Llama with ``vocab`` rows (only the tokenizer's first ids occur in the data)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -79,14 +93,19 @@ def make_tokenizer(workdir: str) -> str:
     return out
 
 
-def measure(model_dir: str, corpus: str, workdir: str, row: dict, extra: list[str]) -> float:
+def measure(model_dir: str, data: str, workdir: str, row: dict) -> float:
+    """Peak RSS (MiB) above the post-import baseline of one optimizer step of ``row``'s run."""
     out = os.path.join(workdir, "run_" + row["name"].replace(" ", "_").replace(",", ""))
     zero = row.get("zero", 0)
     ds = [] if zero == 0 else ["--deepspeed", os.path.join(ROOT, "ds_configs", f"zero{zero}.json")]
-    args = ["--stage", "pt", "--model_name_or_path", model_dir, "--train_file_dir", corpus,
-            "--block_size", str(row["seq"]), "--per_device_train_batch_size", "1", "--max_steps", "1",
-            "--save_steps", "0", "--export_hf", "False", "--report_to", "none", "--output_dir", out,
-            "--overwrite_output_dir", *ds, *extra, *row.get("flags", [])]
+    if row.get("stage", "pt") == "pt":
+        stage = ["--stage", "pt", "--block_size", str(row["seq"])]
+    else:
+        stage = ["--stage", "sft", "--template_name", "chatml", "--model_max_length", str(row["seq"])]
+    args = [*stage, "--model_name_or_path", model_dir, "--train_file_dir", data, "--per_device_train_batch_size", "1",
+            "--max_steps", "1", "--save_steps", "0", "--export_hf", "False", "--report_to", "none", "--output_dir", out,
+            "--overwrite_output_dir", "--chunked_loss", str(row.get("chunked", False)),
+            "--loss_chunk_size", str(row.get("chunk", 1024)), *ds, *row.get("flags", [])]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT,
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions")))
@@ -110,35 +129,44 @@ def estimate_mib(model_dir: str, row: dict) -> dict:
 
 
 def estimator_rows() -> list[dict]:
-    # (model, seq, zero, gradient checkpointing, chunked loss): states-, activation- and logits-heavy cases
+    """States-, activation- and logits-heavy cases (pt: every token scored)."""
+    gc = {"gc": True, "flags": ["--gradient_checkpointing"]}
     return [
         {"name": "h256 L4 V32k T2048 z0", "model": (256, 4, 32000), "seq": 2048},
         {"name": "h256 L4 V32k T2048 z2", "model": (256, 4, 32000), "seq": 2048, "zero": 2},
         {"name": "h256 L4 V32k T2048 z3", "model": (256, 4, 32000), "seq": 2048, "zero": 3},
+        {"name": "h256 L4 V32k T2048 z0 chunked", "model": (256, 4, 32000), "seq": 2048, "chunked": True},
         {"name": "h512 L8 V8k T4096 z0", "model": (512, 8, 8000), "seq": 4096},
-        {"name": "h512 L8 V8k T4096 z0 gc", "model": (512, 8, 8000), "seq": 4096, "gc": True,
-         "flags": ["--gradient_checkpointing"]},
-        {"name": "h512 L8 V8k T8192 z2 gc", "model": (512, 8, 8000), "seq": 8192, "zero": 2, "gc": True,
-         "flags": ["--gradient_checkpointing"]},
+        {"name": "h512 L8 V8k T4096 z0 gc", "model": (512, 8, 8000), "seq": 4096, **gc},
+        {"name": "h512 L8 V8k T8192 z2 gc chunked", "model": (512, 8, 8000), "seq": 8192, "zero": 2, "chunked": True, **gc},
+        {"name": "h512 L8 V8k T8192 z0 tiled", "model": (512, 8, 8000), "seq": 8192, "chunked": True, "tiled_mlp": True,
+         "flags": ["--tiled_mlp"]},
     ]
+
+
+def loss_rows() -> list[dict]:
+    """One sft step at Qwen's vocabulary (152064) on 4096-token packed rows: full logits vs chunked."""
+    base = {"model": (256, 2, 152064), "seq": 4096, "stage": "sft", "data": "sft"}
+    return [{"name": "sft V152k T4096 plain", **base}, {"name": "sft V152k T4096 chunked", **base, "chunked": True}]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None, help="keep models/corpus here (default: a temp dir)")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this")
+    ap.add_argument("--loss_bench", action="store_true", help="the plain vs chunked loss rows (vocab 152k, ~10 GB peak)")
     a = ap.parse_args()
     workdir = a.workdir or tempfile.mkdtemp(prefix="bench_memory_")
     os.makedirs(workdir, exist_ok=True)
     tok = make_tokenizer(workdir)
     corpus = make_corpus(workdir, 200_000)
-    rows = [r for r in estimator_rows() if not a.only or a.only in r["name"]]
+    rows = [r for r in (loss_rows() if a.loss_bench else estimator_rows()) if not a.only or a.only in r["name"]]
     print(f"{'run':<32}{'params':>8}{'states':>9}{'activ.':>9}{'logits':>9}{'estimate':>10}{'measured':>10}{'error':>8}")
     for row in rows:
         h, layers, vocab = row["model"]
         model_dir = make_model(workdir, f"llama_h{h}_l{layers}_v{vocab}", h, layers, vocab, tok)
         est = estimate_mib(model_dir, row)
-        got = measure(model_dir, corpus, workdir, row, [])
+        got = measure(model_dir, make_sft(workdir) if row.get("data") == "sft" else corpus, workdir, row)
         err = (est["total"] - got) / got
         print(f"{row['name']:<32}{est['params_m']:>7.1f}M{est['states']:>9.0f}{est['activations']:>9.0f}"
               f"{est['logits']:>9.0f}{est['total']:>10.0f}{got:>10.0f}{100 * err:>7.1f}%", flush=True)

@@ -105,9 +105,13 @@ def head_is_exact(model, vocab_size: Optional[int] = None) -> bool:
     inputs = {"input_ids": ids, "position_ids": torch.arange(8, device=ids.device).unsqueeze(0), "use_cache": False}
     try:
         with torch.no_grad():
-            full = model(**inputs).logits.float()
-            mine = output_head(model)(final_hidden_states(model, **inputs)).float()
-        ok = full.shape == mine.shape and bool(torch.allclose(full, mine, rtol=1e-3, atol=1e-3))
+            full = model(**inputs).logits
+            mine = output_head(model)(final_hidden_states(model, **inputs))
+        # a few units in the last place of the logits' dtype: the head may run another matmul kernel on
+        # fewer rows; what this catches (unknown scaling, capping) is off by O(1) relative
+        tol = 2e-2 if full.dtype in (torch.bfloat16, torch.float16) else 1e-4
+        full, mine = full.float(), mine.float()
+        ok = full.shape == mine.shape and bool(torch.allclose(full, mine, rtol=tol, atol=tol * max(1.0, full.abs().max().item())))
     except (TypeError, ValueError, AttributeError, IndexError, UserError):
         ok = False
     finally:
