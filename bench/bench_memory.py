@@ -5,9 +5,10 @@ against the measured peak of real training runs, and the chunked loss against th
     python bench/bench_memory.py                 # estimator vs measured, CPU fp32, 1 rank
     python bench/bench_memory.py --loss_bench    # one sft step at vocab 152k, 4k tokens: plain vs chunked
 
-Each row runs `launch/train.py --stage pt` (one optimizer step, fp32, one rank) in its own process
-and reports the process's peak RSS above its RSS right after the imports (VmHWM reset through
-/proc/self/clear_refs), next to the estimate for the same setup with no framework overhead.
+Each row runs `launch/train.py --stage pt` (or sft; two optimizer steps, fp32, one rank: the second
+step runs with Adam's states allocated, as every later step does) in its own process and reports the
+process's peak RSS above its RSS right after the imports (VmHWM reset through /proc/self/clear_refs),
+next to the estimate for the same setup with no framework overhead.
 glibc's malloc keeps freed blocks below its (adaptive) mmap threshold, which makes RSS lag behind
 what is live; the runs fix MALLOC_MMAP_THRESHOLD_=65536 so large tensors are returned on free and
 RSS tracks live memory, as a GPU's allocated-memory counter does.
@@ -94,7 +95,7 @@ def make_tokenizer(workdir: str) -> str:
 
 
 def measure(model_dir: str, data: str, workdir: str, row: dict) -> float:
-    """Peak RSS (MiB) above the post-import baseline of one optimizer step of ``row``'s run."""
+    """Peak RSS (MiB) above the post-import baseline of two optimizer steps of ``row``'s run."""
     out = os.path.join(workdir, "run_" + row["name"].replace(" ", "_").replace(",", ""))
     zero = row.get("zero", 0)
     ds = [] if zero == 0 else ["--deepspeed", os.path.join(ROOT, "ds_configs", f"zero{zero}.json")]
@@ -103,7 +104,7 @@ def measure(model_dir: str, data: str, workdir: str, row: dict) -> float:
     else:
         stage = ["--stage", "sft", "--template_name", "chatml", "--model_max_length", str(row["seq"])]
     args = [*stage, "--model_name_or_path", model_dir, "--train_file_dir", data, "--per_device_train_batch_size", "1",
-            "--max_steps", "1", "--save_steps", "0", "--export_hf", "False", "--report_to", "none", "--output_dir", out,
+            "--max_steps", "2", "--save_steps", "0", "--export_hf", "False", "--report_to", "none", "--output_dir", out,
             "--overwrite_output_dir", "--chunked_loss", str(row.get("chunked", False)),
             "--loss_chunk_size", str(row.get("chunk", 1024)), *ds, *row.get("flags", [])]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1",

@@ -142,9 +142,9 @@ class TrainingArguments:
     export_hf: bool = field(default=True, metadata={"help": "Write an HF model (or adapter) into output_dir at the end."})
     # --- long context and memory (DeepSpeed ALST pieces; docs/long_context.md) ---
     chunked_loss: bool = field(
-        default=True, metadata={"help": "LM head + loss (cross entropy, preference log-probs) in chunks of tokens, so the "
-                                        "(tokens x vocab) fp32 logits never exist; exact, on wherever the model's logits are "
-                                        "reproduced. False: the model's full logits."})
+        default=True, metadata={"help": "LM head + loss (pt/sft cross entropy, dpo/orpo log-probs) in chunks of tokens, so "
+                                        "the (tokens x vocab) fp32 logits never exist; exact, on wherever the model's logits "
+                                        "are reproduced. False: the model's full logits. (ppo/grpo: full logits.)"})
     loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the chunked loss."})
     use_liger_kernel: bool = field(
         default=False, metadata={"help": "GPU: Liger's Triton RMSNorm/SwiGLU/RoPE kernels (needs pip install liger-kernel)."})
@@ -345,6 +345,10 @@ def _cross_checks(cfg: RunConfig) -> None:
             local_looking = p.startswith(("/", ".", "~")) or p.count("/") != 1
             if local_looking or os.environ.get("HF_HUB_OFFLINE") == "1":
                 raise SystemExit(f"error: --{flag} {p}: no such directory (and not in the hub cache)")
+    unwired = [f for f in ("tiled_mlp", "offload_activations", "use_liger_kernel") if getattr(t, f)]
+    if unwired and t.stage in ("ppo", "grpo"):
+        raise SystemExit(f"error: --{unwired[0]} is not available for --stage {t.stage} (its rollouts generate with "
+                         "the model); use it for pt, sft, rm, dpo, orpo")
     if t.deepspeed and not os.path.isfile(t.deepspeed):
         raise SystemExit(f"error: --deepspeed {t.deepspeed}: no such file")
     if cfg.data.train_file_dir and not os.path.exists(cfg.data.train_file_dir):

@@ -75,16 +75,17 @@ def resolve_ds_config(ds_config: dict, train_args, *, world_size: int, hidden_si
     _resolve(cfg, "gradient_accumulation_steps", ga, "")
     micro, ga = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     global_batch = micro * ga * world_size
+    ranks = "data-parallel" if cfg.get("sequence_parallel_size", 1) > 1 else "world"
     tbs = cfg.get("train_batch_size", "auto")
     if tbs == "auto":
         cfg["train_batch_size"] = global_batch
     elif int(tbs) != global_batch:
         if int(tbs) % (micro * world_size) == 0:
             raise DSConfigError(
-                f"{source}: train_batch_size={tbs} but micro {micro} x grad_accum {ga} x data-parallel {world_size} = "
+                f"{source}: train_batch_size={tbs} but micro {micro} x grad_accum {ga} x {ranks} {world_size} = "
                 f"{global_batch}; use --gradient_accumulation_steps {int(tbs) // (micro * world_size)} or \"auto\"")
         raise DSConfigError(
-            f"{source}: train_batch_size={tbs} is not divisible by micro batch {micro} x data-parallel size {world_size}")
+            f"{source}: train_batch_size={tbs} is not divisible by micro batch {micro} x {ranks} size {world_size}")
     if cfg.get("gradient_clipping", "auto") == "auto":
         cfg["gradient_clipping"] = float(t.max_grad_norm)
 

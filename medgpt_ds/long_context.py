@@ -19,9 +19,6 @@ import torch
 from medgpt_ds import dist
 from medgpt_ds.errors import UserError
 
-_NO_LOGITS = None  # an empty index: the model computes logits for no position
-
-
 def _base_model(model):
     """The transformers model under a DeepSpeed engine and/or a PEFT wrapper."""
     model = getattr(model, "module", model)
@@ -57,11 +54,10 @@ def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def final_hidden_states(model, **inputs) -> torch.Tensor:
-    """(B, T, H) final (normed) hidden states from one forward that computes logits for no position."""
-    global _NO_LOGITS
-    if _NO_LOGITS is None or _NO_LOGITS.device != inputs["input_ids"].device:
-        _NO_LOGITS = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
-    out = model(**inputs, logits_to_keep=_NO_LOGITS, output_hidden_states=[-1])
+    """(B, T, H) final (normed) hidden states from one forward that computes logits for no position
+    (``logits_to_keep`` an empty index; ``output_hidden_states=[-1]`` keeps only the last)."""
+    no_position = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
+    out = model(**inputs, logits_to_keep=no_position, output_hidden_states=[-1])
     return out.hidden_states[-1]
 
 
@@ -127,7 +123,10 @@ def loss_chunk_size(train_args, model, what: str) -> int:
     if not train_args.chunked_loss and sp == 1:
         return 0
     if head_is_exact(model):
-        return train_args.loss_chunk_size if train_args.chunked_loss else 1 << 62
+        if not train_args.chunked_loss:
+            return 1 << 62  # one chunk: the shard's full logits
+        dist.print0(f"{what}: loss computed in chunks of {train_args.loss_chunk_size} tokens (no full logits)")
+        return train_args.loss_chunk_size
     if sp > 1:
         raise UserError(f"--sequence_parallel_size {sp}: this model's logits are post-processed in a way the "
                         f"sequence-parallel loss cannot reproduce ({type(_base_model(model)).__name__}); "

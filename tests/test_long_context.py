@@ -352,3 +352,31 @@ def test_padded_collator_rows_shard_with_plain_positions():
     s1 = shard_batch(full, 0, 1, 2)
     assert s1["position_ids"].tolist() == [[2, 3], [2, 3]] and s1["shift_labels"].tolist() == [[-100, -100], [-100, -100]]
     assert int(shard_batch(full, 0, 0, 2)["num_label_tokens"]) + int(s1["num_label_tokens"]) == int(full["num_label_tokens"])
+
+
+def test_sequence_parallel_batch_arithmetic_and_gradient_average(monkeypatch):
+    """The DeepSpeed config counts data-parallel ranks (world / N): an explicit train_batch_size is
+    checked against micro x accumulation x world/N; ZeRO-3's reduce-scatter averages over the world."""
+    import os
+    import types
+
+    from medgpt_ds import engine as eng
+    from tests.launch_utils import ROOT
+
+    targs = types.SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=3, max_grad_norm=1.0,
+                                  bf16=False, fp16=False, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999,
+                                  adam_epsilon=1e-8, weight_decay=0.0, warmup_steps=0, warmup_ratio=0.0)
+    raw = eng.load_ds_config(os.path.join(ROOT, "ds_configs", "zero3.json"))
+    raw["sequence_parallel_size"] = 4
+    assert eng.resolve_ds_config(raw, targs, world_size=2)["train_batch_size"] == 12  # 8 GPUs / SP 4 = 2 dp ranks
+    with pytest.raises(eng.DSConfigError, match=r"micro 2 x grad_accum 3 x data-parallel 2 = 12; use --gradient_acc"):
+        eng.resolve_ds_config({**raw, "train_batch_size": 24}, targs, world_size=2)
+    bad = {**raw, "zero_optimization": {**raw["zero_optimization"], "reduce_scatter": False}}
+    with pytest.raises(eng.DSConfigError, match="reduce_scatter=false with --sequence_parallel_size"):
+        eng.resolve_ds_config(bad, targs, world_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setattr(dist, "_sp_size", 4)
+    assert (dist.dp_world_size(), eng.gradient_average_size({"zero_optimization": {"stage": 2}})) == (2, 2)
+    assert eng.gradient_average_size({"zero_optimization": {"stage": 3}, "sequence_parallel_size": 4}) == 8
+    monkeypatch.setenv("RANK", "6")
+    assert (dist.sp_rank(), dist.dp_rank()) == (2, 1)  # ranks 4..7 are group 1

@@ -11,8 +11,6 @@ import pytest
 from medgpt_ds import memory
 from medgpt_ds.errors import UserError
 
-pytestmark = pytest.mark.unit
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = dict(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -32,6 +30,7 @@ def arch():
     return memory.arch_from_config(AutoConfig.for_model(kw.pop("model_type"), **kw))
 
 
+@pytest.mark.unit
 def test_architecture_counted_from_the_config(arch):
     assert (arch.total_params, arch.largest_layer_params) == (P, LARGEST)
     assert (arch.q_dim, arch.kv_dim, arch.mlp_dim, arch.num_layers, arch.vocab_size) == (64, 32, 128, 2, 1000)
@@ -41,6 +40,7 @@ def test_architecture_counted_from_the_config(arch):
     assert memory.arch_from_config(AutoConfig.for_model(kw.pop("model_type"), **kw), lora_rank=8).lora_params == LORA
 
 
+@pytest.mark.unit
 def test_model_states_are_deepspeeds_numbers(arch):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -66,6 +66,7 @@ def test_model_states_are_deepspeeds_numbers(arch):
         memory.model_states(arch, memory.Setup(zero=2, offload_param=True))
 
 
+@pytest.mark.unit
 def test_fp32_and_lora_states(arch):
     # fp32 ZeRO-0 on one rank (the CPU path): 4 params + 4 grads + 8 Adam bytes per parameter
     assert memory.model_states(arch, memory.Setup(zero=0, num_gpus=1, dtype_bytes=4))["total"] == 16 * P
@@ -80,6 +81,7 @@ def test_fp32_and_lora_states(arch):
     assert z3["total"] == 4 * LARGEST + int(18 * LORA / 4) + 2 * (P - LORA) // 4
 
 
+@pytest.mark.unit
 def test_activations_and_logits_by_hand(arch):
     s = memory.Setup(seq_len=1024, micro_batch=1, dtype_bytes=2, chunked_loss=False)
     # per token per layer: (4.4*q + 2*kv + 4*i) * 2 bytes + two norms (4 + 2) * h
@@ -103,6 +105,7 @@ def test_activations_and_logits_by_hand(arch):
     assert eager["activations"] - act["activations"] == 2 * 2 * 1 * 4 * 1024 ** 2 * 2  # scores + probs, 4 heads, 2 layers
 
 
+@pytest.mark.unit
 def test_longest_sequence_search(arch):
     s = memory.Setup(zero=3, num_gpus=8, nodes=2, gradient_checkpointing=True, overhead_gib=0.0)
     budget = 64 * 2 ** 20
@@ -115,6 +118,7 @@ def test_longest_sequence_search(arch):
     assert memory.max_seq_len(arch, sp, budget) > 3 * n  # a quarter of the tokens per rank
 
 
+@pytest.mark.smoke
 def test_estimate_memory_tool(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(CONFIG))

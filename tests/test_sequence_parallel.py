@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism on 2 ranks (gloo's all_to_all on CPU) against one rank with the same
 global batch (micro x accumulation x data-parallel size, data-parallel size 1 here): per-step losses
 and gradient norms, and the final weights, for sft with packing under ZeRO-3 (persistence threshold 0:
-really sharded), LoRA under ZeRO-2 with gradient checkpointing, and dpo with a frozen ZeRO-3
+really sharded; evaluation too), LoRA under ZeRO-2 with gradient checkpointing, and dpo with a frozen ZeRO-3
 reference engine. An SP checkpoint converts to Hugging Face and resumes exactly.
 
 Tolerances: both sides compute the same global token-mean loss in fp32; only the order of reductions
@@ -29,7 +29,8 @@ def sft_args(base, out, *extra):
     return ["--stage", "sft", "--model_name_or_path", base, "--template_name", "chatml", "--train_file_dir",
             f"{DEMO}/sft", "--model_max_length", "128", "--per_device_train_batch_size", "2", "--learning_rate", "2e-3",
             "--lr_scheduler_type", "constant", "--max_steps", "4", "--logging_steps", "1", "--save_steps", "2",
-            "--seed", "7", "--report_to", "none", "--output_dir", str(out), *extra]
+            "--seed", "7", "--validation_split_percentage", "10", "--eval_steps", "4", "--report_to", "none",
+            "--output_dir", str(out), *extra]
 
 
 def dpo_args(base, out, train_file, *extra):
@@ -76,9 +77,12 @@ def assert_same_steps(a_dir, b_dir, steps, keys=("loss",)):
 
 def test_sft_packed_zero3_equals_one_rank(runs):
     assert "sequence parallel: 2 ranks per sample (Ulysses), data-parallel size 1" in runs["sp_z3_log"]
+    assert "sft: loss computed in chunks of 1024 tokens" in runs["sp_z3_log"]
     assert_same_steps(runs["sp_z3"], runs["one_z3"], [1, 2, 3, 4])
     curve = losses(str(runs["sp_z3"]))
     assert curve[4] < curve[1]
+    (sp_eval,), (one_eval,) = metrics(str(runs["sp_z3"]), "eval"), metrics(str(runs["one_z3"]), "eval")
+    assert sp_eval["units"] == one_eval["units"] > 0 and sp_eval["loss"] == pytest.approx(one_eval["loss"], abs=1e-5)
     from safetensors.torch import load_file
 
     sp, one = load_file(str(runs["sp_z3"] / "model.safetensors")), load_file(str(runs["one_z3"] / "model.safetensors"))
