@@ -256,7 +256,8 @@ def activations(arch: Arch, s: Setup, seq_len: Optional[int] = None) -> dict:
 
     Without checkpointing every layer keeps its activations; with it every layer keeps its input and
     one layer's activations exist again during its recomputation. Offloaded activations live in CPU
-    RAM (``offloaded``) with one layer's worth in flight on the device."""
+    RAM (``offloaded``) with one layer's worth in flight on the device. Backward also produces the
+    largest weight's gradient (the embedding or output head) before accumulating it."""
     seq_len = seq_len or s.seq_len
     w = s.dtype_bytes
     tokens = s.micro_batch * math.ceil(seq_len / s.sequence_parallel)
@@ -268,6 +269,7 @@ def activations(arch: Arch, s: Setup, seq_len: Optional[int] = None) -> dict:
     offloaded = kept if s.offload_activations else 0
     device = (kept - offloaded) + (one_layer if (s.gradient_checkpointing or s.offload_activations) else 0)
     device += 2 * w * arch.hidden_size * tokens  # embeddings output and the final norm
+    device += w * arch.largest_layer_params  # backward's gradient of the largest weight, before it is accumulated
     loss_tokens = min(tokens, s.loss_chunk_size) if s.chunked_loss else tokens
     # backward peak of the loss: fp32 log-softmax output, its gradient and the logits' gradient (12
     # bytes), plus the 16-bit copy of that gradient in mixed precision
