@@ -10,6 +10,7 @@ logprobs.token_logprobs_from_hidden checkpoint each chunk instead: one autograd 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from typing import Callable, Optional
@@ -27,30 +28,53 @@ def _base_model(model):
     return model
 
 
-def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+class OutputHead:
     """(N, H) final hidden states -> (N, V) logits as the model's forward computes them: the output
     embedding, then the logit scaling / soft-capping some families apply (Cohere, Granite, Gemma 2/3)."""
-    base = _base_model(model)
-    head = base.get_output_embeddings()
-    if head is None:
-        raise UserError(f"{type(base).__name__} has no output embedding: the chunked loss needs a causal LM head; "
-                        "pass --chunked_loss False")
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    scale = getattr(cfg, "logit_scale", None)
-    divide = getattr(cfg, "logits_scaling", None)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
 
-    def head_fn(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
-        if scale is not None:
-            logits = logits * scale
-        if divide is not None:
-            logits = logits / divide
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+    def __init__(self, model):
+        base = _base_model(model)
+        self.module = base.get_output_embeddings()
+        if self.module is None:
+            raise UserError(f"{type(base).__name__} has no output embedding: the chunked loss needs a causal LM head; "
+                            "pass --chunked_loss False")
+        cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        self.scale = getattr(cfg, "logit_scale", None)
+        self.divide = getattr(cfg, "logits_scaling", None)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._post(self.module(hidden))
+
+    def _post(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    return head_fn
+    @property
+    def frozen(self) -> bool:
+        """No trainable weight (LoRA): the losses compute per-token gradients instead of recomputing."""
+        return not any(p.requires_grad for p in self.module.parameters())
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The head to use for one loss computation. A frozen head whose weights ZeRO-3 partitioned is
+        gathered once here (every rank: a collective) and applied directly: ZeRO-3 keeps a frozen
+        weight gathered for a recomputation only inside a module's backward, and the loss runs
+        outside the model's modules."""
+        params = list(self.module.parameters())
+        if not (self.frozen and any(hasattr(p, "ds_id") for p in params)):
+            yield self
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            weight, bias = self.module.weight, getattr(self.module, "bias", None)
+            yield lambda hidden: self._post(torch.nn.functional.linear(hidden, weight, bias))
 
 
 def final_hidden_states(model, **inputs) -> torch.Tensor:
@@ -90,9 +114,9 @@ def offload_context(engine, train_args):
 
 
 def head_is_exact(model, vocab_size: Optional[int] = None) -> bool:
-    """Does ``output_head(model)(final_hidden_states(model, ...))`` reproduce the model's own logits?
+    """Does ``OutputHead(model)(final_hidden_states(model, ...))`` reproduce the model's own logits?
     One tiny no-grad forward on every rank (collective under ZeRO-3); False for a model whose forward
-    post-processes logits in a way ``output_head`` does not know or that has no ``logits_to_keep``."""
+    post-processes logits in a way ``OutputHead`` does not know or that has no ``logits_to_keep``."""
     module = getattr(model, "module", model)
     vocab_size = vocab_size or _base_model(model).config.get_text_config().vocab_size
     was_training = module.training
@@ -102,7 +126,7 @@ def head_is_exact(model, vocab_size: Optional[int] = None) -> bool:
     try:
         with torch.no_grad():
             full = model(**inputs).logits
-            mine = output_head(model)(final_hidden_states(model, **inputs))
+            mine = OutputHead(model)(final_hidden_states(model, **inputs))
         # a few units in the last place of the logits' dtype: the head may run another matmul kernel on
         # fewer rows; what this catches (unknown scaling, capping) is off by O(1) relative
         tol = 2e-2 if full.dtype in (torch.bfloat16, torch.float16) else 1e-4

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from medgpt_ds.logprobs import IGNORE_INDEX, checkpointed
+from medgpt_ds.logprobs import IGNORE_INDEX, scored_logprobs
 
 Metrics = dict[str, torch.Tensor]
 
@@ -74,14 +74,15 @@ def chunked_causal_lm_loss(
     *,
     shift_labels: torch.Tensor | None = None,
     chunk_size: int = 1024,
+    frozen_head: bool = False,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, Metrics]:
     """:func:`causal_lm_loss` of ``head(hidden)`` without ever holding the (tokens x vocab) logits.
 
-    Only the scored positions go through ``head``, ``chunk_size`` tokens at a time; each chunk is
-    checkpointed (its logits are recomputed in backward instead of kept), so the loss's memory is one
-    chunk's fp32 logits whatever the sequence length. Values and gradients equal the plain loss up to
-    the order of the fp32 sums.
+    Only the scored positions go through ``head``, ``chunk_size`` tokens at a time
+    (logprobs.scored_logprobs: checkpointed chunks, or per-token gradients for a frozen head), so the
+    loss's memory is one chunk's fp32 logits whatever the sequence length. Values and gradients equal
+    the plain loss up to the order of the fp32 sums.
 
     Args:
         hidden: (B, T, H) final hidden states; ``head`` maps (N, H) -> (N, V) logits exactly as the
@@ -89,6 +90,7 @@ def chunked_causal_lm_loss(
         labels: (B, T), shifted here like :func:`causal_lm_loss`; or ``shift_labels`` (B, T) already
             shifted (position t is scored against ``shift_labels[:, t]``, as a sequence-parallel shard is).
         num_tokens: see the module docstring.
+        frozen_head: the head's weights take no gradient (LoRA).
 
     Metrics: ``nll`` (local token mean, detached), ``num_tokens`` (local scored-token count).
     """
@@ -99,20 +101,13 @@ def chunked_causal_lm_loss(
     flat_hidden = hidden.reshape(-1, hidden.size(-1))  # (B*T, H)
     flat_labels = shift_labels.reshape(-1)  # (B*T,)
     keep = (flat_labels != ignore_index).nonzero().squeeze(-1)  # (N,)
-    scored_hidden, scored_labels = flat_hidden.index_select(0, keep), flat_labels.index_select(0, keep)
-    total = flat_hidden.sum().float() * 0.0  # a float32 zero in the graph (backward works when N == 0)
-    for start in range(0, keep.numel(), chunk_size):
-        h, y = scored_hidden[start:start + chunk_size], scored_labels[start:start + chunk_size]
-        total = total + checkpointed(_nll_sum, h, y, head)
+    logps = scored_logprobs(flat_hidden.index_select(0, keep), flat_labels.index_select(0, keep), head, chunk_size,
+                            frozen_head)  # (N,)
+    total = -logps.float().sum()
     count = keep.new_tensor(keep.numel())
     local_mean = total / count.clamp(min=1)
     loss = local_mean if num_tokens is None else total / num_tokens
     return loss, {"nll": local_mean.detach(), "num_tokens": count}
-
-
-def _nll_sum(h: torch.Tensor, y: torch.Tensor, head: Callable) -> torch.Tensor:
-    # h: (n, H), y: (n,) -> summed fp32 cross entropy of one chunk
-    return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
 # --- reward model -----------------------------------------------------------------------------

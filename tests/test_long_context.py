@@ -45,15 +45,18 @@ def _hidden_head(seed=0, B=3, T=17, H=8, V=50):
 # --- chunked loss and log-probs == the full-logits ones ---------------------------------------
 
 
-@pytest.mark.parametrize("num_tokens", [None, 7.0])
-def test_chunked_causal_lm_loss_equals_plain(num_tokens):
+@pytest.mark.parametrize("num_tokens,frozen", [(None, False), (7.0, False), (7.0, True)])
+def test_chunked_causal_lm_loss_equals_plain(num_tokens, frozen):
     hidden, head, labels = _hidden_head()
+    head.requires_grad_(not frozen)  # frozen: LoRA's head, per-token gradients instead of recomputation
+    wrt = [hidden] if frozen else [hidden, head.weight]
     want, want_m = causal_lm_loss(head(hidden), labels, num_tokens=num_tokens)
-    got, got_m = chunked_causal_lm_loss(hidden, head, labels, num_tokens=num_tokens, chunk_size=5)  # 5 does not divide
+    got, got_m = chunked_causal_lm_loss(hidden, head, labels, num_tokens=num_tokens, chunk_size=5,  # 5 does not divide
+                                        frozen_head=frozen)
     assert got.dtype == want.dtype == torch.float32
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     assert int(got_m["num_tokens"]) == int(want_m["num_tokens"]) == int((labels[:, 1:] != -100).sum())
-    _assert_grads_close(_grads(got, [hidden, head.weight]), _grads(want, [hidden, head.weight]), atol=1e-6)
+    _assert_grads_close(_grads(3.0 * got, wrt), _grads(3.0 * want, wrt), atol=1e-6)  # any incoming scale
 
 
 def test_chunked_loss_with_shift_labels_and_no_scored_token():
@@ -79,6 +82,13 @@ def test_token_logprobs_from_hidden_equals_token_logprobs():
     w = torch.arange(16.0, dtype=torch.float64)  # a weighting that makes every position's gradient differ
     _assert_grads_close(_grads((got * w).sum(), [hidden, head.weight]), _grads((want * w).sum(), [hidden, head.weight]),
                         atol=1e-10)
+    # a frozen head (LoRA): each token's gradient is kept from the forward and scaled by its incoming gradient
+    head.requires_grad_(False)
+    frozen, _ = token_logprobs_from_hidden(hidden, head, labels, chunk_size=4, frozen_head=True)
+    want, _ = token_logprobs(head(hidden), labels)
+    torch.testing.assert_close(frozen, want, atol=1e-12, rtol=0)
+    _assert_grads_close(_grads((frozen * w).sum().exp(), [hidden]), _grads((want * w).sum().exp(), [hidden]), atol=1e-10)
+    head.requires_grad_(True)
     # pre-shifted labels (a sequence-parallel slice): (B, T), the last position scored against nothing
     shifted, mask = token_logprobs_from_hidden(hidden, head, shift_labels=F.pad(labels[:, 1:], (0, 1), value=-100))
     assert shifted.shape == (3, 17) and not mask[:, -1].any()
@@ -123,14 +133,21 @@ def test_lm_loss_chunked_equals_full_logits_per_family(model_type):
     _assert_grads_close(_grads(got, params), _grads(want, params), atol=2e-5)
 
 
-def test_pair_logps_chunked_equals_full_logits(tiny_tokenizer, tiny_llama):
+@pytest.mark.parametrize("lora", [False, True])
+def test_pair_logps_chunked_equals_full_logits(tiny_tokenizer, tiny_llama, lora):
+    from peft import LoraConfig, get_peft_model
+
     from medgpt_ds.data.templates import TEMPLATES
     from tests.test_pref_data import RECS, _data_args
 
     model = tiny_llama(len(tiny_tokenizer)).double()
+    if lora:  # frozen head: per-token gradients path
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+                                                 init_lora_weights=False))
+        assert long_context.OutputHead(model).frozen
     items = [encode_pair(tiny_tokenizer, TEMPLATES["chatml"], r, _data_args()) for r in RECS]
     batch = PairCollator(tiny_tokenizer.pad_token_id)(items)
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     want, want_n = pair_logps(model, batch)
     got, got_n = pair_logps(model, batch, chunk_size=5)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
@@ -140,7 +157,7 @@ def test_pair_logps_chunked_equals_full_logits(tiny_tokenizer, tiny_llama):
 
 
 def test_unknown_logit_postprocessing_falls_back_to_full_logits(tiny_llama, capsys):
-    """A forward that rescales its logits in a way output_head does not know: the probe notices, the
+    """A forward that rescales its logits in a way OutputHead does not know: the probe notices, the
     stage keeps the model's own logits (with a notice); sequence parallelism refuses the model."""
     model = tiny_llama(64)
     plain_forward = model.forward

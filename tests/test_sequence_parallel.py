@@ -1,8 +1,9 @@
 """Ulysses sequence parallelism on 2 ranks (gloo's all_to_all on CPU) against one rank with the same
 global batch (micro x accumulation x data-parallel size, data-parallel size 1 here): per-step losses
 and gradient norms, and the final weights, for sft with packing under ZeRO-3 (persistence threshold 0:
-really sharded; evaluation too), LoRA under ZeRO-2 with gradient checkpointing, and dpo with a frozen ZeRO-3
-reference engine. An SP checkpoint converts to Hugging Face and resumes exactly.
+really sharded; evaluation too), LoRA under ZeRO-3 with gradient checkpointing (a frozen, partitioned
+output head), and dpo with LoRA under ZeRO-2 (the disabled adapter as reference). An SP checkpoint
+converts to Hugging Face and resumes exactly.
 
 Tolerances: both sides compute the same global token-mean loss in fp32; only the order of reductions
 differs (all-to-all, per-slice sums, bucketed reduce-scatter), ~1e-7 relative per step. 1e-5 on
@@ -37,8 +38,7 @@ def dpo_args(base, out, train_file, *extra):
     return ["--stage", "dpo", "--model_name_or_path", base, "--template_name", "chatml", "--train_file_dir", train_file,
             "--max_source_length", "64", "--max_target_length", "64", "--per_device_train_batch_size", "2",
             "--learning_rate", "5e-3", "--lr_scheduler_type", "constant", "--max_steps", "3", "--logging_steps", "1",
-            "--save_steps", "0", "--seed", "7", "--report_to", "none", "--reference", "model", "--output_dir", str(out),
-            *extra]
+            "--save_steps", "0", "--seed", "7", "--report_to", "none", "--output_dir", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,12 @@ def runs(tmp_path_factory, tiny_base_dir):
     r["sp_z3_log"] = train(sft_args(tiny_base_dir, r["sp_z3"], "--deepspeed", z3, "--sequence_parallel_size", "2"),
                            nproc=2).stdout
     train(sft_args(tiny_base_dir, r["one_z3"], "--deepspeed", z3), nproc=1)
-    train(sft_args(tiny_base_dir, r["sp_lora"], "--deepspeed", z2, *lora, "--sequence_parallel_size", "2"), nproc=2)
-    train(sft_args(tiny_base_dir, r["one_lora"], "--deepspeed", z2, *lora), nproc=1)
-    train(dpo_args(tiny_base_dir, r["sp_dpo"], train_file, "--deepspeed", z3, "--sequence_parallel_size", "2"), nproc=2)
-    train(dpo_args(tiny_base_dir, r["one_dpo"], train_file, "--deepspeed", z3), nproc=1)
+    train(sft_args(tiny_base_dir, r["sp_lora"], "--deepspeed", z3, *lora, "--sequence_parallel_size", "2"), nproc=2)
+    train(sft_args(tiny_base_dir, r["one_lora"], "--deepspeed", z3, *lora), nproc=1)
+    dpo_lora = ["--use_peft", "--lora_rank", "4", "--lora_dropout", "0", "--reference", "adapter"]
+    train(dpo_args(tiny_base_dir, r["sp_dpo"], train_file, "--deepspeed", z2, *dpo_lora, "--sequence_parallel_size", "2"),
+          nproc=2)
+    train(dpo_args(tiny_base_dir, r["one_dpo"], train_file, "--deepspeed", z2, *dpo_lora), nproc=1)
     # resume the SP run from its step-2 checkpoint
     r["resumed"].mkdir()
     shutil.copytree(r["sp_z3"] / "checkpoint-2", r["resumed"] / "checkpoint-2")
@@ -93,7 +95,7 @@ def test_sft_packed_zero3_equals_one_rank(runs):
     assert state["consumed_items"] == 4 * 2  # micro 2 x accumulation 1 x data-parallel 1 per step
 
 
-def test_sft_lora_zero2_checkpointing_equals_one_rank(runs):
+def test_sft_lora_zero3_checkpointing_equals_one_rank(runs):
     assert_same_steps(runs["sp_lora"], runs["one_lora"], [1, 2, 3, 4])
     from safetensors.torch import load_file
 
@@ -104,7 +106,7 @@ def test_sft_lora_zero2_checkpointing_equals_one_rank(runs):
         torch.testing.assert_close(sp[k], one[k], atol=1e-5, rtol=0)
 
 
-def test_dpo_zero3_reference_engine_equals_one_rank(runs):
+def test_dpo_lora_zero2_adapter_reference_equals_one_rank(runs):
     assert_same_steps(runs["sp_dpo"], runs["one_dpo"], [1, 2, 3],
                       keys=("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"))
     first = metrics(str(runs["sp_dpo"]))[0]

@@ -106,8 +106,10 @@ def pair_logps(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, t
               "position_ids": batch.get("position_ids"), "use_cache": False}
     if chunk_size:
         hidden = long_context.final_hidden_states(model, **inputs)
-        logps, mask = token_logprobs_from_hidden(hidden, long_context.output_head(model), batch.get("labels"),
-                                                 shift_labels=batch.get("shift_labels"), chunk_size=chunk_size)
+        head = long_context.OutputHead(model)
+        with head.gathered() as head_fn:
+            logps, mask = token_logprobs_from_hidden(hidden, head_fn, batch.get("labels"), chunk_size=chunk_size,
+                                                     shift_labels=batch.get("shift_labels"), frozen_head=head.frozen)
     else:
         logps, mask = token_logprobs(model(**inputs).logits, batch["labels"])  # (2B, T-1)
     sums, counts = (logps * mask).sum(-1), mask.sum(-1).to(logps.dtype)

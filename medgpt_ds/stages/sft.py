@@ -33,8 +33,10 @@ def lm_loss_sum(engine, batch: dict, chunk_size: int = 0):
               "position_ids": batch.get("position_ids"), "use_cache": False}
     if chunk_size:
         hidden = long_context.final_hidden_states(engine, **inputs)
-        loss, _ = chunked_causal_lm_loss(hidden, long_context.output_head(engine), batch.get("labels"), num_tokens=1.0,
-                                         shift_labels=batch.get("shift_labels"), chunk_size=chunk_size)
+        head = long_context.OutputHead(engine)
+        with head.gathered() as head_fn:
+            loss, _ = chunked_causal_lm_loss(hidden, head_fn, batch.get("labels"), num_tokens=1.0, chunk_size=chunk_size,
+                                             shift_labels=batch.get("shift_labels"), frozen_head=head.frozen)
     else:
         loss, _ = causal_lm_loss(engine(**inputs).logits, batch["labels"], num_tokens=1.0)
     return loss, {}
