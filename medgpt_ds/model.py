@@ -191,6 +191,12 @@ def load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, *,
             model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
             revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code, dtype=dtype,
             attn_implementation=attn, quantization_config=quant)
+    if ds_config.get("zero_optimization", {}).get("stage") == 3 and "_weight_conversions" in vars(model):
+        # transformers' ZeRO-3 loader records every weight conversion of the model type, applied or not
+        # (its plain loader records the applied ones), and save_pretrained reverts them all: a Qwen3.5
+        # export came out as model.language_model.model.language_model.*. Without the record,
+        # save_pretrained writes the type's own hub layout (per-expert MoE weights included).
+        del model._weight_conversions
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         resize_for_tokenizer(model, tokenizer, model_args, ds_config)
     if getattr(model.config, "pad_token_id", None) is None:
