@@ -124,10 +124,9 @@ def _composite_class(config):
 
 def freeze_outside_language_model(model) -> tuple[int, int]:
     """Text training on a composite model: only the language model (with its embeddings) and the
-    heads (LM head, score head) train; the vision tower and projector are frozen, so they are exported exactly as loaded
-    (AdamW's decoupled weight decay would shrink them even without gradients). Returns (trainable,
-    frozen) parameter counts."""
-    # keep the language model and the heads outside the base model (lm_head, a score head)
+    heads outside the base model (LM head, score head) train; the vision tower and projector are
+    frozen, so they are exported exactly as loaded (AdamW's decoupled weight decay would shrink them
+    even without gradients). Returns (trainable, frozen) parameter counts."""
     inner = {id(p) for p in model.base_model.parameters()}
     keep = {id(p) for p in model.get_decoder().parameters()} | {id(p) for p in model.parameters() if id(p) not in inner}
     counts = [0, 0]
@@ -351,7 +350,7 @@ def lora_targets(model, spec: str) -> LoraTargets:
     model only the language model is targeted.
     """
     prefix = language_model_prefix(model)
-    names = None if spec == "all" else {s.strip() for s in spec.split(",") if s.strip()}
+    names = None if spec in ("all", "all-linear") else {s.strip() for s in spec.split(",") if s.strip()}
     modules, parameters, routers = [], [], []
     moe_blocks = {n for n, m in model.named_modules() if isinstance(getattr(m, "experts", None), torch.nn.Module)}
     for name, module in model.named_modules():

@@ -258,7 +258,7 @@ def packing_plan(config, attn_implementation: str, device_type: str) -> PackingP
         missing = _kernels_available(device_type)
         if not missing:
             return PackingPlan("flat", seq_idx=True)
-        why = f"needs {', '.join(missing)}"
+        why = "needs " + (", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0])
     else:
         why = "no kernel here keeps packed samples apart in them"
     return PackingPlan("padded", notice=(
