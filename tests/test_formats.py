@@ -263,8 +263,6 @@ def test_prompt_errors(tmp_path, record, match):
     ('{"conversations": ["hi"]}', r"field 'conversations\[0\]': expected an object"),
     ('{"conversations": [{"from": "human", "value": 5}]}',
      r"field 'conversations\[0\]\.value': expected a string, got int"),
-    ('{"conversations": [{"from": "human", "value": " "}]}',
-     r"field 'conversations': no assistant turn after a user turn"),
     ('{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "get_x"}]}',
      r"field 'conversations\[1\]\.value': a function call must be JSON"),
     ('{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{\\"arguments\\": {}}"}]}',
@@ -283,8 +281,7 @@ def test_prompt_errors(tmp_path, record, match):
      r"field 'conversations\[0\]': role 'assistant' where 'user' was expected"),
     ('{"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]}',
      r"field 'messages\[1\]': a system turn may only come first"),
-    ('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}',
-     r"field 'messages\[0\]': no assistant turn after a user turn"),
+    ('{"messages": [{"role": "system", "content": "s"}]}', r"field 'messages\[0\]': no user and assistant turns"),
     ('{"instruction": "q"}', "field 'output': missing"),
     ('{"instruction": "q", "input": 3, "output": "a"}', "field 'input': expected a string"),
     ('{"instruction": "q", "output": "a", "history": [["x"]]}',
@@ -416,22 +413,26 @@ def test_empty_and_unanswered_turns_are_counted(tmp_path):
                   conv("q", "", "q2", "a2"),        # 4: empty answer before later turns: record dropped
                   conv("q", ""),                    # 5: nothing left: record dropped
                   conv("q", "a", "q2"),             # 6: unanswered last user turn dropped
+                  conv("最好的建议？"),                   # 7: only a question: record dropped
+                  {"messages": [S, U]},             # 8: the same with a system turn
                   {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": json.dumps(CALL)},
-                                     {"from": "observation", "value": "r"}]})  # 7: unanswered tool result dropped
+                                     {"from": "observation", "value": "r"}]})  # 9: unanswered tool result dropped
     tally = Tally()
     recs, logs = _load(path, "sft", tally=tally)
     assert [r["messages"][0]["content"] for r in recs] == ["", "q", "q", "q", "q"]
     assert recs[2]["messages"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert recs[4]["messages"][-1]["tool_calls"] == [CALL]
-    assert tally.counts == {"empty_user": 3, "empty_answer_turn": 1, "empty_answer_record": 2, "trailing_user": 2}
+    assert tally.counts == {"empty_user": 3, "empty_answer_turn": 1, "empty_answer_record": 2, "trailing_user": 2,
+                            "unanswered_record": 2}
     assert logs == [
-        f"[data] {path}: 5 sft records from 7 rows",
+        f"[data] {path}: 5 sft records from 9 rows",
         f"[data] {path}: 3 empty user turns kept (first: {path}:1:conversations[0], {path}:2:conversations[2], "
         f"{path}:2:conversations[4])",
         f"[data] {path}: 1 empty final assistant answers: that exchange dropped (first: {path}:3)",
         f"[data] {path}: 2 records dropped: an empty assistant answer before later turns (first: {path}:4, {path}:5)",
         f"[data] {path}: 2 conversations ending on an unanswered user/tool turn: that turn dropped "
-        f"(first: {path}:6, {path}:7)"]
+        f"(first: {path}:6, {path}:9)",
+        f"[data] {path}: 2 records dropped: no answered turn (only an unanswered question) (first: {path}:7, {path}:8)"]
 
 
 def test_skip_bad_records(tmp_path):

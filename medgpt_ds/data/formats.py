@@ -71,6 +71,7 @@ class Tally:
     DESCRIBE = {
         "empty_user": "empty user turns kept",
         "trailing_user": "conversations ending on an unanswered user/tool turn: that turn dropped",
+        "unanswered_record": "records dropped: no answered turn (only an unanswered question)",
         "empty_answer_turn": "empty final assistant answers: that exchange dropped",
         "empty_answer_record": "records dropped: an empty assistant answer before later turns",
         "same_pair": "preference pairs dropped: chosen == rejected",
@@ -579,7 +580,10 @@ def _to_sft(obj: dict, where: str, tally: Tally) -> list[dict]:
     while msgs and msgs[-1]["role"] in ("user", "tool"):
         msgs, fields = msgs[:-1], fields[:-1]
     if not any(m["role"] == "assistant" for m in msgs):
-        _fail(where, fields[-1] if fields else "conversations", "no assistant turn after a user turn")
+        if trailing:  # a question nobody answered (MedicalGPT skips these too)
+            tally.add("unanswered_record", where)
+            return []
+        _fail(where, fields[-1] if fields else "conversations", "no user and assistant turns")
     if trailing:
         tally.add("trailing_user", where)
     empty = [i for i, m in enumerate(msgs) if _is_empty_answer(m)]
