@@ -146,7 +146,7 @@ def test_toolcall_file_in_every_rendering(tok):
     labelled, no tool result is."""
     if not TOOLCALL.exists():
         pytest.skip(f"MedicalGPT sample data not found at {TOOLCALL}")
-    records = load_records([str(TOOLCALL)], "sft", log=lambda s: None)[:60]
+    records = load_records([str(TOOLCALL)], "sft", log=lambda s: None)[:40]
     renderings = [(TEMPLATES["chatml"], fmt) for fmt in FORMATS] + [(_trl_template("qwen2_5"), "native")]
     t = copy.deepcopy(tok)
     t.chat_template = _trl_template("qwen3")  # not prefix-consistent: trained through TRL's training variant

@@ -9,6 +9,10 @@ Label masking renders the conversation once, finds the character span of each as
 rendering prefixes (span = end of ``render(messages[:k], add_generation_prompt=True)`` to end of
 ``render(messages[:k+1])``) and maps spans to tokens through the tokenizer's offsets. This works
 for any prefix-consistent template, including a tokenizer's own, without per-template code.
+
+Tool calls (assistant ``tool_calls``, role ``tool``, a record's ``tools`` schemas) go through
+chat_messages first: natively to a tools-aware template, or flattened into MedicalGPT's tool formats
+(see the "tool calls" section); calls are assistant turns, so they are labelled, results are not.
 """
 from __future__ import annotations
 
