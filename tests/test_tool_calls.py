@@ -257,7 +257,7 @@ def test_sft_on_medicalgpt_toolcall_file_native_template(tmp_path, tiny_base_dir
                "--max_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-3", "--save_steps", "0",
                "--output_dir", str(out)])
     log = p.stdout + p.stderr
-    assert "tools: rendered by the chat template itself" in log
+    assert "29 records with tool calls or tools: rendered by the chat template itself" in log  # of the first 40
     assert "skipped 2 files this stage does not read (it reads .jsonl, .json, .parquet): notes.txt, table.csv" in log
     assert "tokenized cache: miss (key" in log
     assert sorted(losses(str(out))) == [1, 2]
@@ -280,7 +280,7 @@ def test_dpo_on_tool_call_pairs_medicalgpt_flags(tmp_path, tiny_base_dir):
             "--max_target_length", "64", "--per_device_train_batch_size", "3", "--max_steps", "1",
             "--logging_steps", "1", "--save_steps", "0", "--output_dir", str(out)]
     p = train(args + ["--skip_bad_records"])  # without it: error naming {path}:4 (tests/test_formats.py)
-    assert "tools: MedicalGPT's 'default' tool format" in p.stdout
+    assert "3 records with tool calls or tools: MedicalGPT's 'default' tool format" in p.stdout
     assert "dpo train: 3 of 3 pairs kept" in p.stdout
     rejected = [json.loads(line) for line in open(out / "rejected_records.jsonl")]
     assert [r["where"] for r in rejected] == [f"{path}:4"] and "field 'rejected': missing" in rejected[0]["error"]

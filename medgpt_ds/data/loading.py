@@ -257,18 +257,25 @@ def tokenize_records(records: list[dict], fn: Callable[[dict], Optional[dict]], 
     return items, counts
 
 
-def resolve_tools(data_args, tokenizer) -> str:
-    """The tool rendering of this run (templates.resolve_tool_format), said in one log line."""
-    from medgpt_ds.data.templates import resolve_tool_format
+def resolve_tools(data_args, tokenizer, records: Optional[list[dict]] = None) -> str:
+    """The tool rendering of this run (templates.resolve_tool_format), said in one log line when
+    ``records`` (default: assume so) hold tool calls or tool schemas."""
+    from medgpt_ds.data.templates import has_tool_content, resolve_tool_format
     from medgpt_ds.errors import UserError
 
     try:
         fmt = resolve_tool_format(tokenizer, tokenizer.chat_template, data_args.template_name, data_args.tool_format)
     except ValueError as e:
         raise UserError(str(e)) from None
+    n = len(records) if records is None else sum(
+        1 for r in records if has_tool_content(r.get("messages", r.get("prompt", [])), r.get("tools"))
+        or isinstance(r.get("chosen"), dict) or isinstance(r.get("rejected"), dict))
+    if records is not None and n == 0:
+        return fmt
+    what = f"{n} records with tool calls or tools: " if records is not None else "tools: "
     if fmt == "native":
-        dist.print0("tools: rendered by the chat template itself (tools=, assistant tool_calls, role tool)")
+        dist.print0(f"{what}rendered by the chat template itself (tools=, assistant tool_calls, role tool)")
     else:
-        dist.print0(f"tools: MedicalGPT's '{fmt}' tool format (tool list in the system prompt, calls as assistant "
+        dist.print0(f"{what}MedicalGPT's '{fmt}' tool format (tool list in the system prompt, calls as assistant "
                     "text, results as user text)")
     return fmt

@@ -44,7 +44,7 @@ def load_pairs(cfg, tokenizer, stage: str) -> tuple[list[dict], list[dict]]:
 
     d, t = cfg.data, cfg.train
     train_recs, eval_recs, files = load_train_eval(d, "preference", t.seed, output_dir=t.output_dir)
-    tool_format = resolve_tools(d, tokenizer)
+    tool_format = resolve_tools(d, tokenizer, train_recs + eval_recs)
     key = [data_key(t.stage, d, tokenizer, files, t.seed, tool_format=tool_format)]
     cache = f"{t.output_dir}/.cache/tokenized" if not cfg.model.cache_dir else f"{cfg.model.cache_dir}/tokenized"
 

@@ -52,7 +52,7 @@ def run(cfg) -> loop.TrainState:
     tokenizer = load_tokenizer(cfg.model)
     tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
     train_recs, eval_recs, files = load_train_eval(d, "sft", t.seed, output_dir=t.output_dir)
-    tool_format = resolve_tools(d, tokenizer)
+    tool_format = resolve_tools(d, tokenizer, train_recs + eval_recs)
 
     def encode(rec: dict):
         return encode_conversation(tokenizer, tokenizer.chat_template, rec["messages"], d.model_max_length,
