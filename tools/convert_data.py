@@ -136,14 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True, help="output .jsonl or .json file")
     ap.add_argument("--to", required=True, choices=SFT_TARGETS + PREF_TARGETS)
     args = ap.parse_args(argv)
-    from medgpt_ds.data.formats import DataError, find_files, load_records
+    from medgpt_ds.data.formats import RECORD_EXTS, DataError, find_files, load_records
 
     if not args.output.endswith((".jsonl", ".json")):
         print("error: --output must end in .jsonl or .json", file=sys.stderr)
         return 2
     kind = "sft" if args.to in SFT_TARGETS else "preference"
     try:
-        files = [f for p in args.input for f in find_files(p)]
+        files = [f for p in args.input for f in find_files(p, RECORD_EXTS, log=lambda m: print(m, file=sys.stderr))]
         if os.path.abspath(args.output) in {os.path.abspath(f) for f in files}:
             raise ValueError("--output must not be one of the input files")
         records = load_records(files, kind, log=lambda m: print(m, file=sys.stderr))
