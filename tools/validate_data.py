@@ -25,6 +25,8 @@ from typing import Any, Iterator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medgpt_ds.data import formats  # noqa: E402
+from medgpt_ds.errors import UserError, main_boundary  # noqa: E402
+from medgpt_ds.model import check_model_path  # noqa: E402
 
 STAGE_KINDS = {"pt": "pt", "sft": "sft", "rm": "preference", "dpo": "preference", "orpo": "preference",
                "ppo": "prompt", "grpo": "prompt"}
@@ -48,6 +50,25 @@ def _json_array_lines(text: str) -> list[int]:
         _, pos = dec.raw_decode(text, pos)
 
 
+def _utf8_error(path: str, line: int, col: int, raw_line: bytes) -> str:
+    """``col``: 0-based byte offset of the first bad byte in ``raw_line``."""
+    return (f"{path}:{line}: invalid UTF-8 at byte {col + 1} of the line ({raw_line[col:col + 4]!r}); "
+            "save the file as UTF-8")
+
+
+def _text_lines(path: str, errors: list[str], stats: dict) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a line that does not decode is an error naming it."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM, as utf-8-sig reads it
+                raw = raw[3:]
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                stats["rows"] += 1
+                errors.append(_utf8_error(path, n, e.start, raw))
+
+
 def iter_raw(path: str, kind: str, errors: list[str], stats: dict) -> Iterator[tuple[str, Any]]:
     """(path:line, object) for every record that parses; parse problems go to ``errors``."""
     if path.endswith(".txt"):
@@ -55,27 +76,31 @@ def iter_raw(path: str, kind: str, errors: list[str], stats: dict) -> Iterator[t
             errors.append(f"{path}: .txt files hold pretraining text (one document per line); '{kind}' data must "
                           "be .jsonl, .json or .parquet records")
             return
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                stats["rows"] += 1
-                if not line.strip():
-                    stats["blank"] += 1
-                    continue
-                yield f"{path}:{n}", {"text": line.rstrip("\r\n")}
+        for n, line in _text_lines(path, errors, stats):
+            stats["rows"] += 1
+            if not line.strip():
+                stats["blank"] += 1
+                continue
+            yield f"{path}:{n}", {"text": line.rstrip("\r\n")}
     elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                stats["rows"] += 1
-                if not line.strip():
-                    stats["blank"] += 1
-                    continue
-                try:
-                    yield f"{path}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    errors.append(f"{path}:{n}: malformed JSON: {e.msg} at column {e.colno}")
+        for n, line in _text_lines(path, errors, stats):
+            stats["rows"] += 1
+            if not line.strip():
+                stats["blank"] += 1
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{path}:{n}: malformed JSON: {e.msg} at column {e.colno}")
     elif path.endswith(".json"):
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            start = raw.rfind(b"\n", 0, e.start) + 1
+            errors.append(_utf8_error(path, raw.count(b"\n", 0, e.start) + 1, e.start - start, raw[start:]))
+            return
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -245,6 +270,7 @@ def print_report(report: dict, max_errors: int, out=None) -> None:
     print("OK" if not errors else "FAILED", file=out)
 
 
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", help="files or folders (or pass them with --data)")
@@ -268,13 +294,13 @@ def main(argv: list[str] | None = None) -> int:
 
         from medgpt_ds.data.templates import get_chat_template
 
+        check_model_path(args.tokenizer, "--tokenizer", weights=False, tokenizer=True)
         try:
             tok = AutoTokenizer.from_pretrained(args.tokenizer)
-            if kind != "pt":
-                template = get_chat_template(args.template_name, tok)
         except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise UserError(f"--tokenizer {args.tokenizer}: {str(e).splitlines()[0]}") from None
+        if kind != "pt":
+            template = get_chat_template(args.template_name, tok)
     report = validate(paths, kind, tokenizer=tok, template=template, max_length=args.max_length)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=1))

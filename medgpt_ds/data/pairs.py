@@ -15,6 +15,7 @@ import torch
 
 from medgpt_ds import dist
 from medgpt_ds.data.templates import encode_preference
+from medgpt_ds.errors import UserError
 from medgpt_ds.logprobs import IGNORE_INDEX, token_logprobs
 
 
@@ -62,7 +63,7 @@ def load_pairs(cfg, tokenizer, stage: str) -> tuple[list[dict], list[dict]]:
                     f"[max_source_length {d.max_source_length}, max_target_length {d.max_target_length}]")
         out.append(items)
     if not out[0]:
-        raise SystemExit(f"error: no training pair left (all {len(train_recs)} dropped as over-long); "
+        raise UserError(f"no training pair left (all {len(train_recs)} dropped as over-long); "
                          "raise --max_source_length / --max_target_length or use --truncation_mode truncate")
     return out[0], out[1]
 
