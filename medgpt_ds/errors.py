@@ -30,27 +30,20 @@ class CheckpointError(UserError):
     """A checkpoint (or its combination with other inputs) that cannot be loaded or converted."""
 
 
-def debug_requested(argv: list[str] | None = None) -> bool:
-    """``--debug`` in argv or ``MEDGPT_DEBUG`` set (not 0): show tracebacks of user errors too."""
-    return "--debug" in (argv or []) or os.environ.get("MEDGPT_DEBUG", "0") not in ("", "0")
-
-
 def main_boundary(main: Callable[[list[str]], object]) -> Callable[[list[str] | None], object]:
-    """Wrap a command-line ``main(argv)``: ``--debug`` is taken out of argv (it sets MEDGPT_DEBUG=1,
-    so ranks and subprocesses see it too); a UserError becomes exactly one line ``error: ...`` on
-    stderr and the return value 2 (after its traceback when debugging). Anything else is a bug and
-    propagates with its traceback. Returns ``main``'s own value otherwise."""
+    """Wrap a command-line ``main(argv)``: ``--debug`` is taken out of argv; a UserError becomes
+    exactly one line ``error: ...`` on stderr and the return value 2 (after its traceback with
+    ``--debug`` or ``MEDGPT_DEBUG=1``). Anything else is a bug and propagates with its traceback.
+    Returns ``main``'s own value otherwise."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> object:
         argv = list(sys.argv[1:] if argv is None else argv)
-        if "--debug" in argv:
-            os.environ["MEDGPT_DEBUG"] = "1"
-            argv = [a for a in argv if a != "--debug"]
+        debug = "--debug" in argv or os.environ.get("MEDGPT_DEBUG", "0") not in ("", "0")
         try:
-            return main(argv)
+            return main([a for a in argv if a != "--debug"])
         except UserError as e:
-            if debug_requested():
+            if debug:
                 traceback.print_exc()
             message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
             print(f"error: {message}", file=sys.stderr, flush=True)

@@ -103,13 +103,13 @@ def read_auth(args) -> tuple[str, str] | None:
 
 @main_boundary
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    auth = read_auth(args)
+    check_inference_model(args)
     import gradio as gr
 
     from medgpt_ds.inference import load_from_args
 
-    args = parse_args(argv)
-    auth = read_auth(args)
-    check_inference_model(args)
     chat = load_from_args(args)
     demo = build_demo(chat, generation_config(args), args.system_prompt, args.title)
     # system fonts: the default theme links web fonts, which a closed network cannot fetch

@@ -57,10 +57,10 @@ def load_pickle(path: str, *, trust: bool = False, mmap: bool = False, map_locat
         if "Weights only load failed" not in str(e):  # a damaged legacy pickle, not a refused one
             raise _damaged(path, e) from None
         found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
-        what = f"it names {found.group(1)}, " if found else "it holds objects "
+        what = f"it references {found.group(1)}, which" if found else "it holds objects that"
         raise CheckpointError(
-            f"{path}: refused to load: {what}which no DeepSpeed or medgpt-ds checkpoint contains, and unpickling "
-            f"it could run code. If you trust where this checkpoint comes from, pass {TRUST_FLAG}") from None
+            f"{path}: refused to load: {what} no DeepSpeed or medgpt-ds checkpoint holds, and loading it could run "
+            f"code. If you trust where this checkpoint comes from, pass {TRUST_FLAG}") from None
     except (EOFError, zipfile.BadZipFile) as e:
         raise _damaged(path, e) from None
     except RuntimeError as e:
