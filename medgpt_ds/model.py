@@ -90,7 +90,7 @@ def check_model_path(path: str, flag: str, *, weights: bool = True, tokenizer: b
         missing.append("config.json")
     if weights and not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
         missing.append("weights (model.safetensors, model-*-of-*.safetensors or pytorch_model.bin)")
-    if tokenizer and not (names & set(TOKENIZER_FILES) or any(n.endswith(".tiktoken") for n in names)):
+    if tokenizer and not (names & set(TOKENIZER_FILES) or any(n.endswith((".tiktoken", ".model")) for n in names)):
         missing.append("tokenizer files (tokenizer.json, tokenizer_config.json or tokenizer.model; or pass "
                        "--tokenizer_name_or_path)")
     if missing:
