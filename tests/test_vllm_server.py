@@ -117,6 +117,12 @@ def test_stop_tokens_and_length(served):
     cut = s.client.generate(s.prompts[:1], max_tokens=MAX_TOKENS, temperature=0.0, stop_token_ids=[stop])[0][0]
     assert cut.token_ids == full.token_ids[:k + 1]  # the stop token is part of the response
     assert cut.finish_reason == "stop" and cut.stop_reason == stop and len(cut.logprobs) == k + 1
+    # a stop string ends the response with the token that completes it (as the trainer's stop strings)
+    ids, dec = full.token_ids, s.tok.decode
+    k = next(i for i in range(1, MAX_TOKENS) if (w := dec(ids[i:i + 1])).strip() and w.isprintable()
+             and w not in dec(ids[:i]) and dec(ids[:i]) + w == dec(ids[:i + 1]))
+    by_text = s.client.generate(s.prompts[:1], max_tokens=MAX_TOKENS, temperature=0.0, stop=[dec(ids[k:k + 1])])[0][0]
+    assert by_text.token_ids == ids[:k + 1] and by_text.finish_reason == "stop"
 
 
 def test_sampled_logprobs_match_transformers(served):
