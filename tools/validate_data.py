@@ -25,6 +25,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medgpt_ds.data import formats  # noqa: E402
+from medgpt_ds.errors import UserError, main_boundary  # noqa: E402
+from medgpt_ds.model import check_model_path  # noqa: E402
 
 STAGE_KINDS = {"pt": "pt", "sft": "sft", "rm": "preference", "dpo": "preference", "orpo": "preference",
                "ppo": "prompt", "grpo": "prompt"}
@@ -199,6 +201,7 @@ def print_report(report: dict, max_errors: int, out=None) -> None:
     print("OK" if not errors else "FAILED", file=out)
 
 
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", help="files or folders (or pass them with --data)")
@@ -225,14 +228,14 @@ def main(argv: list[str] | None = None) -> int:
 
         from medgpt_ds.data.templates import get_chat_template, resolve_tool_format
 
+        check_model_path(args.tokenizer, "--tokenizer", weights=False, tokenizer=True)
         try:
             tok = AutoTokenizer.from_pretrained(args.tokenizer)
-            if kind != "pt":
-                template = get_chat_template(args.template_name, tok)
-                tool_format = resolve_tool_format(tok, template, args.template_name, args.tool_format)
         except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise UserError(f"--tokenizer {args.tokenizer}: {str(e).splitlines()[0]}") from None
+        if kind != "pt":
+            template = get_chat_template(args.template_name, tok)
+            tool_format = resolve_tool_format(tok, template, args.template_name, args.tool_format)
     report = validate(paths, kind, tokenizer=tok, template=template, max_length=args.max_length,
                       tool_format=tool_format)
     if args.json:

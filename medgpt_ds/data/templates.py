@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import re
 
+from medgpt_ds.errors import UserError
+
 _VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                   "The assistant gives helpful, detailed, and polite answers to the user's "
                   "questions.")
@@ -149,7 +151,8 @@ def get_chat_template(name: str | None, tokenizer) -> str:
     <think> block of earlier turns, so a conversation does not render turn by turn and assistant
     tokens cannot be located) is replaced by TRL's training variant of it when TRL knows it
     (trl.chat_template_utils.get_training_chat_template: the same text for the last turn, earlier
-    turns keep an empty think block). Unknown names raise ValueError with the list of known names.
+    turns keep an empty think block). Unknown names raise UserError (a ValueError) with the list
+    of known names.
     """
     names = ", ".join(TEMPLATES)
     if name in (None, "", "auto"):
@@ -157,11 +160,11 @@ def get_chat_template(name: str | None, tokenizer) -> str:
         if isinstance(template, dict):  # tokenizers with several named templates
             template = template.get("default")
         if not template:
-            raise ValueError("the tokenizer has no chat_template; pass --template_name with one "
+            raise UserError("the tokenizer has no chat_template; pass --template_name with one "
                              f"of: {names}")
         return template if _prefix_consistent(tokenizer, template) else _training_variant(tokenizer, template)
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template_name {name!r}; known templates: {names} "
+        raise UserError(f"unknown template_name {name!r}; known templates: {names} "
                          "(or 'auto' for the tokenizer's own)")
     return TEMPLATES[name]
 
@@ -410,10 +413,10 @@ def resolve_tool_format(tokenizer, chat_template: str, template_name: str | None
     if fmt == "auto":
         return "native" if own and supports_tools(tokenizer, chat_template) else "default"
     if fmt == "native" and not supports_tools(tokenizer, chat_template):
-        raise ValueError("--tool_format native: the chat template does not render tools, tool calls and tool results "
+        raise UserError("--tool_format native: the chat template does not render tools, tool calls and tool results "
                          f"itself; use one of MedicalGPT's formats ({', '.join(TOOL_FORMATS[1:])})")
     if fmt not in TOOL_FORMATS:
-        raise ValueError(f"--tool_format {tool_format!r}: expected auto or one of {', '.join(TOOL_FORMATS)}")
+        raise UserError(f"--tool_format {tool_format!r}: expected auto or one of {', '.join(TOOL_FORMATS)}")
     return fmt
 
 

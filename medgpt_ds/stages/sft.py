@@ -20,6 +20,7 @@ from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.loading import data_key, load_train_eval, resolve_tools, tokenize_records
 from medgpt_ds.data.packing import PackingPlan, PaddedCollator, model_inputs, pack_sequences, packing_plan
 from medgpt_ds.data.templates import encode_conversation, get_chat_template
+from medgpt_ds.errors import UserError
 from medgpt_ds.losses import causal_lm_loss
 from medgpt_ds.model import (count_parameters, load_config, load_model, load_tokenizer, resolve_attn_implementation,
                               set_zero3_init)
@@ -80,7 +81,7 @@ def run(cfg) -> loop.TrainState:
         eval_items, ecounts = tokenize_records(eval_recs, encode, cache_dir=cache, key=key + ["eval"], desc="sft-eval")
         dist.print0(f"sft eval: {ecounts['kept']} kept, {ecounts['dropped']} dropped of {ecounts['records']}")
     if not train_items:
-        raise SystemExit("error: no training sample left after tokenization (all dropped); raise --model_max_length")
+        raise UserError("no training sample left after tokenization (all dropped); raise --model_max_length")
     train_items, collate = pack_or_pad(train_items, d.model_max_length, plan_packing(cfg, tokenizer),
                                        tokenizer.pad_token_id, "sft train")
 
