@@ -430,7 +430,7 @@ def lora_targets(model, spec: str) -> LoraTargets:
     """
     prefix = language_model_prefix(model)
     names = None if spec in ("all", "all-linear") else {s.strip() for s in spec.split(",") if s.strip()}
-    modules, parameters, routers, available = [], [], [], set()
+    modules, parameters, routers, linear, experts = [], [], [], set(), set()
     moe_blocks = {n for n, m in model.named_modules() if isinstance(getattr(m, "experts", None), torch.nn.Module)}
     for name, module in model.named_modules():
         if prefix and not name.startswith(prefix + "."):
@@ -444,14 +444,15 @@ def lora_targets(model, spec: str) -> LoraTargets:
         if is_router and names is None:
             routers.append(name)
         elif _is_linear(module):
-            available.add(leaf)
+            if leaf not in _HEADS:
+                linear.add(leaf)
             if leaf in names if names is not None else leaf not in _HEADS:
                 modules.append(name)
         if isinstance(module, torch.nn.modules.conv._ConvNd) or "expert" not in leaf:
             continue
         for pname, p in module.named_parameters(recurse=False):
             if len(_shape(p)) == 3:
-                available.add(pname)
+                experts.add(pname)
                 if names is None or pname in names:
                     parameters.append(f"{name}.{pname}")
     if names is not None:
@@ -459,7 +460,9 @@ def lora_targets(model, spec: str) -> LoraTargets:
         if missing:
             # peft fails only when nothing matches and silently skips the rest: name both cases
             msg = (f"--target_modules {spec}: {', '.join(missing)} not found in {type(model).__name__}; its linear "
-                   f"layers and expert weights are {', '.join(sorted(available))} (or pass --target_modules all)")
+                   f"layers are {', '.join(sorted(linear))}"
+                   + (f" and its stacked expert weights {', '.join(sorted(experts))}" if experts else "")
+                   + " (or pass --target_modules all)")
             if not modules and not parameters:
                 raise UserError(msg)
             dist.print0(f"warning: {msg}; LoRA goes on the others")
