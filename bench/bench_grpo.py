@@ -80,7 +80,7 @@ def run_ours(ws: dict, wd: str, a, i: int) -> dict:
         "--lr_scheduler_type", "constant", "--attn_implementation", "sdpa", "--gradient_checkpointing", "False",
         "--max_steps", str(a.steps), "--logging_steps", "1", "--save_steps", "0", "--report_to", "none",
         "--deepspeed", ws["deepspeed"], "--output_dir", out, "--overwrite_output_dir", "--export_hf", "False"]
-    r = run(cmd, bench_env(), timeout=a.timeout)
+    r = run(cmd, bench_env(a.threads), timeout=a.timeout)
     recs = [json.loads(line) for line in open(os.path.join(out, "logs", "metrics.jsonl"))]
     recs = [x for x in recs if x["split"] == "train"]
     per_step = a.micro * a.ga  # responses per step on one rank
@@ -98,7 +98,7 @@ def run_trl(ws: dict, wd: str, a, i: int) -> dict:
                          "--out", os.path.join(wd, f"trl_{i}"), "--deepspeed", ws["deepspeed"], "--steps", str(a.steps),
                          "--warmup", str(a.warmup), "--micro", str(a.micro), "--ga", str(a.ga), "--G", str(a.G),
                          "--max_new_tokens", str(a.max_new_tokens), "--beta", str(a.beta)]
-    r = run(cmd, bench_env(), timeout=a.timeout)
+    r = run(cmd, bench_env(a.threads), timeout=a.timeout)
     res = tagged_json(r["stdout"], "PEER_RESULT")
     res.update(peak_rss_mib=r["peak_rss_mib"], wall_s=round(r["wall_s"], 1))
     return res
@@ -189,6 +189,8 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--zero", default="zero3")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per process on both sides (1 on a shared CPU machine; default: torch's)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--name", default="grpo_peers")
     ap.add_argument("--workdir", default=None)
@@ -216,7 +218,8 @@ def main(argv=None) -> None:
                 "sampling": f"temperature 1, top_p 1, max_new_tokens {a.max_new_tokens}",
                 "loss": f"grpo, epsilon 0.2, beta {a.beta} (k3 to a frozen reference), 1 iteration",
                 "zero": f"{a.zero} (torch AdamW pinned)", "precision": "fp32", "attention": "sdpa",
-                "gradient_checkpointing": "off on both sides", "ranks": 1, "steps": a.steps,
+                "gradient_checkpointing": "off on both sides",
+                "torch threads per process": a.threads or "torch default", "ranks": 1, "steps": a.steps,
                 "warmup_steps_excluded": a.warmup, "rounds": a.rounds}
     payload = {"title": "grpo vs TRL GRPOTrainer", "kind": "peer_comparison",
                "command": "python bench/bench_grpo.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -91,7 +91,7 @@ def run_ours(ws: dict, wd: str, a, reference: str, gc: bool, tag: str) -> dict:
         "--logging_steps", "1", "--save_steps", "0", "--report_to", "none", "--learning_rate", "1e-5",
         "--lr_scheduler_type", "constant", "--gradient_checkpointing", str(gc), "--attn_implementation", "sdpa",
         "--deepspeed", ws["deepspeed"], "--output_dir", out, "--overwrite_output_dir", "--export_hf", "False"]
-    r = run(cmd, bench_env(**a.env), timeout=a.timeout)
+    r = run(cmd, bench_env(a.threads, **a.env), timeout=a.timeout)
     recs = [json.loads(line) for line in open(os.path.join(out, "logs", "metrics.jsonl"))]
     recs = [x for x in recs if x["split"] == "train"]
     return {"tokens_per_s": median_after([x["tokens_per_s"] for x in recs], a.warmup),
@@ -106,7 +106,7 @@ def run_trl(ws: dict, wd: str, a, reference: str, gc: bool, tag: str) -> dict:
         "--max_source_length", str(a.max_source_length), "--max_target_length", str(a.max_target_length)]
     if reference == "precomputed":
         cmd.append("--precompute")
-    r = run(cmd, bench_env(**a.env), timeout=a.timeout)
+    r = run(cmd, bench_env(a.threads, **a.env), timeout=a.timeout)
     res = tagged_json(r["stdout"], "PEER_RESULT")
     res.update(peak_rss_mib=r["peak_rss_mib"], wall_s=round(r["wall_s"], 1))
     return res
@@ -197,11 +197,13 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--synthetic", action="store_true", help="generated pairs even when the real sample is present")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per process on both sides (1 on a shared CPU machine; default: torch's)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--name", default="dpo_peers")
     ap.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
     a = ap.parse_args(argv)
-    a.env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // a.nproc))} if a.nproc > 1 else {}
+    a.env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // a.nproc))} if a.nproc > 1 and not a.threads else {}
     wd = a.workdir or tempfile.mkdtemp(prefix="medgpt_bench_pref_")
     os.makedirs(wd, exist_ok=True)
     ws = make_workspace(wd, a)
@@ -210,7 +212,8 @@ def main(argv=None) -> None:
                         f"that fit {a.max_source_length}/{a.max_target_length} tokens, {ws['tokens_per_pair']:.0f} real "
                         "tokens per pair", "zero": f"{a.zero} (torch AdamW pinned)", "ranks": a.nproc,
                 "micro batch": f"{a.batch} pairs", "grad_accum": 1, "precision": "fp32", "attention": "sdpa",
-                "loss": "sigmoid, beta 0.1", "lr": "1e-5 constant", "steps": a.steps, "warmup_steps_excluded": a.warmup,
+                "loss": "sigmoid, beta 0.1",
+                "torch threads per process": a.threads or "torch default", "lr": "1e-5 constant", "steps": a.steps, "warmup_steps_excluded": a.warmup,
                 "rounds": a.rounds}
     groups = a.groups.split(",")
 

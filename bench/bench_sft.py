@@ -63,7 +63,7 @@ def run_ours(paths: dict, wd: str, a, packing: bool, gc: bool, tag: str) -> dict
         "--learning_rate", "1e-4", "--lr_scheduler_type", "constant", "--seed", "42",
         "--gradient_checkpointing", str(gc), "--attn_implementation", a.attn, "--deepspeed", paths["deepspeed"],
         "--output_dir", out, "--overwrite_output_dir", "--export_hf", "False"] + (["--bf16"] if a.bf16 else [])
-    r = run(cmd, bench_env(), timeout=a.timeout)
+    r = run(cmd, bench_env(a.threads), timeout=a.timeout)
     recs = [json.loads(line) for line in open(os.path.join(out, "logs", "metrics.jsonl"))]
     recs = [x for x in recs if x["split"] == "train"]
     res = {"tokens_per_s": median_after([x["tokens_per_s"] for x in recs], a.warmup),
@@ -85,7 +85,7 @@ def run_peer(recipe: str, paths: dict, wd: str, a, packing: bool, gc: bool, tag:
         "--max_length", str(a.max_length), "--batch", str(a.rows if packing else a.batch),
         "--packing", str(int(packing)), "--gc", str(int(gc)), "--attn", a.attn, "--lr", "1e-4", "--seed", "42"
     ] + (["--bf16"] if a.bf16 else [])
-    r = run(cmd, bench_env(), timeout=a.timeout)
+    r = run(cmd, bench_env(a.threads), timeout=a.timeout)
     res = tagged_json(r["stdout"], "PEER_RESULT")
     res.update(peak_rss_mib=r["peak_rss_mib"], wall_s=round(r["wall_s"], 1))
     return res
@@ -108,6 +108,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--zero", default="zero2")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--attn", default="sdpa", help="sdpa, eager or flash_attention_2 (both sides)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per process on both sides (1 on a shared CPU machine; default: torch's)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     ap.add_argument("--name", default="sft_peers", help="bench/results/<name>.json")
     ap.add_argument("--results_dir", default=None)
@@ -126,7 +128,8 @@ def main(argv=None) -> dict:
                 "vocab": SHAPES[a.shape].get("vocab_size", a.vocab), "data": os.path.basename(a.data),
                 "max_length": a.max_length, "zero": f"{a.zero} (ds_configs/{a.zero}.json, torch AdamW pinned)",
                 "precision": "bf16" if a.bf16 else "fp32", "attention": a.attn, "ranks": 1, "grad_accum": 1,
-                "lr": "1e-4 constant", "steps": a.steps, "warmup_steps_excluded": a.warmup, "rounds": a.rounds,
+                "lr": "1e-4 constant",
+                "torch threads per process": a.threads or "torch default", "steps": a.steps, "warmup_steps_excluded": a.warmup, "rounds": a.rounds,
                 "loss masks": "ours and the LLaMA-Factory recipe: assistant tokens; TRL: every token (its default for "
                               "`messages` data without a generation-tagged template); TRL's fused head then projects "
                               "every position, as ours does, so the work is the same"}

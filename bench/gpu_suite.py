@@ -55,7 +55,8 @@ PLANS = {
         "grpo": {"max_new_tokens": 256, "G": 8, "micro": 8, "ga": 2, "steps": 3},
     },
     "dry_run": {
-        "budgets": {"flash_packing": 120, "sft": 300, "memory": 240, "grpo": 150},
+        # generous: the dry run checks code paths on a shared CPU machine, not speed (GPU: 520 s in all)
+        "budgets": {"flash_packing": 300, "sft": 900, "memory": 900, "grpo": 600},
         "sft": [("tiny", "packed-gc_off", "trl"), ("tiny", "padded-gc_off", "")],
         "sft_args": ["--max_length", "256", "--rows", "1", "--batch", "4", "--steps", "3", "--warmup", "1"],
         "full": ["tiny"], "lora": "tiny", "mem_length": 128, "mem_steps": 2, "grpo_shape": "tiny",
@@ -376,7 +377,7 @@ def main(argv=None) -> int:
     a.mode = "dry_run" if a.dry_run else "gpu"
     if a.attn == "auto":
         a.attn = "flash_attention_2" if (not a.dry_run and importlib.util.find_spec("flash_attn")) else "sdpa"
-    budget = a.budget or (600 if a.dry_run else 520)
+    budget = a.budget or (2700 if a.dry_run else 520)
     clock = Clock(budget)
     wd = a.workdir or tempfile.mkdtemp(prefix="medgpt_gpu_suite_")
     os.makedirs(wd, exist_ok=True)

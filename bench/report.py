@@ -98,9 +98,15 @@ def peer_section(r: dict) -> list[str]:
                 if st.get("median") is not None:
                     ratio = f"{st['median']:.2f}x [{st['min']:.2f}-{st['max']:.2f}] ({st['n']})"
                 verd = verdict(st)
-            label = f"{c['name']} ({extra})" if i == 0 else ""
+            label = (f"{c['name']} ({extra})" if extra else c["name"]) if i == 0 else ""
             per_run = ", ".join(fmt(x) for x in vals) + (f" (error: {'; '.join(errs)})" if errs else "")
             lines.append(f"| {label} | {side} | {per_run} | {fmt(med)} | {ratio} | {verd} |")
+        for side in names:
+            split = [x for x in c["runs"][side] if "generation_s" in x]
+            if split:
+                parts = {k: sorted(x[f"{k}_s"] for x in split)[len(split) // 2] for k in ("generation", "scoring", "training")}
+                lines.append(f"| | {side}: step split, s (median of runs) | " +
+                             ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + " | | | |")
         mfu = [(side, [x.get("tflops") for x in c["runs"][side] if x.get("tflops") is not None]) for side in names]
         if any(v for _, v in mfu) and r["name"].startswith("sft"):
             lines.append(f"| | TFLOP/s (model FLOPs, medgpt_ds.metrics) | "
