@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,6 +71,7 @@ def make_workspace(wd: str, a) -> dict:
 
 def run_ours(ws: dict, wd: str, a, i: int) -> dict:
     out = os.path.join(wd, f"ours_{i}")
+    shutil.rmtree(out, ignore_errors=True)  # logs/metrics.jsonl appends: never read an older run's records
     cmd = launcher(1) + [
         os.path.join(ROOT, "launch", "train.py"), "--stage", "grpo", "--model_name_or_path", ws["base"],
         "--train_file_dir", ws["ours"], "--template_name", "chatml", "--max_source_length", str(a.max_prompt_tokens),

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -83,6 +84,7 @@ def make_workspace(wd: str, a) -> dict:
 
 def run_ours(ws: dict, wd: str, a, reference: str, gc: bool, tag: str) -> dict:
     out = os.path.join(wd, f"ours_{tag}")
+    shutil.rmtree(out, ignore_errors=True)  # logs/metrics.jsonl appends: a previous round's records would mix in
     cmd = launcher(a.nproc) + [
         os.path.join(ROOT, "launch", "train.py"), "--stage", "dpo", "--model_name_or_path", ws["base"],
         "--template_name", "qwen", "--train_file_dir", ws["pairs"], "--max_source_length", str(a.max_source_length),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -54,6 +55,7 @@ def prepare(wd: str, a) -> dict:
 
 def run_ours(paths: dict, wd: str, a, packing: bool, gc: bool, tag: str) -> dict:
     out = os.path.join(wd, f"ours_{tag}")
+    shutil.rmtree(out, ignore_errors=True)  # logs/metrics.jsonl appends: a previous round's records would mix in
     cmd = launcher(1) + [
         os.path.join(ROOT, "launch", "train.py"), "--stage", "sft", "--model_config", paths["model_config"],
         "--tokenizer_name_or_path", paths["tokenizer"], "--train_file_dir", a.data, "--template_name", "qwen",

@@ -28,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -168,6 +169,7 @@ def section_sft(a, wd: str, clock: Clock, budget: float) -> dict:
 
 def _train_once(a, wd: str, name: str, flags: list[str], timeout: float) -> dict:
     out = os.path.join(wd, name)
+    shutil.rmtree(out, ignore_errors=True)  # logs/metrics.jsonl appends: never read an older run's records
     cmd = launcher(1) + [os.path.join(ROOT, "launch", "train.py"), *flags, "--output_dir", out, "--overwrite_output_dir",
                          "--save_steps", "0", "--export_hf", "False", "--report_to", "none", "--logging_steps", "1"]
     r = run(cmd, bench_env(), timeout=timeout, log=os.path.join(wd, f"{name}.log"))

@@ -16,7 +16,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ["sft_peers", "dpo_peers", "grpo_peers", "rollout_backends", "convert", "gpu_suite", "gpu_suite_dryrun"]
+ORDER = ["sft_peers", "sft_peers_packed", "dpo_peers", "grpo_peers", "rollout_backends", "convert", "gpu_suite", "gpu_suite_dryrun"]
 
 INTRO = """\
 # Benchmark results
@@ -33,6 +33,16 @@ absolute rates from the 2-core development machine, shared with other jobs, swin
 rounds; a ratio whose min-max straddles 1.00 is a tie. Withdrawn: an earlier claim here that we ran
 1.6-1.9x TRL's SFTTrainer came from a run where TRL kept its default `gradient_checkpointing=True`
 (SFTConfig's default in TRL 1.16) while our side ran without it.
+"""
+
+CONVERT_NOTE = """\
+## ZeRO -> HF conversion
+
+`python bench/bench_convert.py` has not been re-run since this report became generated (it now
+writes `bench/results/convert.json`). Last measured (2-rank checkpoints, fp32 output, commit
+c0eb581's RESULTS.md): for a 349M model's ZeRO-3 checkpoint (1.33 GB fp32) the streaming export
+peaked at 421 MB above the import baseline, DeepSpeed's lazy writer at 1,573 MB and its whole-model
+path at 2,762 MB, at about the same wall time.
 """
 
 # Why a side is ahead, where the numbers show it (keyed by result name).
@@ -167,6 +177,8 @@ def render(results_dir: str) -> str:
         out.append("No GPU numbers yet: no task with a GPU has run `bash bench/gpu_suite.sh` (bf16, flash-attention, "
                    "MFU, GPU memory, grpo step split on real shapes). Run it on one H100/H200 and commit "
                    "`bench/results/gpu_suite.json`, then this report.\n")
+    if "convert" not in results:
+        out.append(CONVERT_NOTE)
     for n in names:
         r = results[n]
         kind = r.get("kind")
