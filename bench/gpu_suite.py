@@ -258,6 +258,22 @@ def section_memory(a, wd: str, clock: Clock, budget: float) -> dict:
                          "steps": plan["mem_steps"]}}
 
 
+def vllm_backend_wired() -> bool:
+    """Whether --rollout_backend vllm does more than refuse (its placeholder raises NotImplementedError
+    when built); the run itself then says whether vLLM is installed and starts."""
+    try:
+        from medgpt_ds import generation as backends
+    except ImportError:
+        from medgpt_ds import rollout as backends
+    try:
+        backends.VLLMBackend()
+    except NotImplementedError:
+        return False
+    except Exception:  # noqa: BLE001 - the real backend wants its arguments: it exists
+        return True
+    return True
+
+
 def section_grpo(a, wd: str, clock: Clock, budget: float) -> dict:
     plan = PLANS[a.mode]
     g = plan["grpo"]
@@ -277,8 +293,8 @@ def section_grpo(a, wd: str, clock: Clock, budget: float) -> dict:
              "--attn_implementation", "sdpa"] + ([] if a.dry_run else ["--bf16"])
     backends = {}
     for backend in ("hybrid", "vllm"):
-        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            backends[backend] = {"status": "not available: vllm is not installed"}
+        if backend == "vllm" and not vllm_backend_wired():
+            backends[backend] = {"status": "not available: --rollout_backend vllm is not implemented in this checkout"}
             continue
         left = min(end - time.perf_counter(), clock.left())
         if left < 30:

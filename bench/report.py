@@ -46,7 +46,31 @@ path at 2,762 MB, at about the same wall time.
 """
 
 # Why a side is ahead, where the numbers show it (keyed by result name).
-NOTES: dict[str, str] = {}
+NOTES: dict[str, str] = {
+    "sft_peers": """\
+Why the sides differ. TRL's SFTTrainer runs the same model and DeepSpeed engine; per step it also
+computes every token's entropy and top-1 inside its fused LM head (for its `entropy` and
+`mean_token_accuracy` metrics), and padded it pads to the longest sample of its own tokenization
+(its padding fraction is in the result file). The LLaMA-Factory recipe is the HF Trainer with the
+same model, kernel and engine; it differs from us in the mask (a 4-D block-diagonal float mask,
+T x T per row, instead of position ids) and in rows padded to max_length + 1. On one CPU thread the
+mask costs little; on GPUs it rules out flash-attention's varlen path (LLaMA-Factory needs batch
+size 1 for that), which the GPU suite does not run. Where the verdict is a tie, the spread of this
+shared machine hides any difference smaller than itself.""",
+    "dpo_peers": """\
+Both sides forward chosen and rejected concatenated in one batch and, with a live reference, a
+frozen reference model each step. Where the verdict is a tie the machine's noise is larger than
+any difference; where we are ahead it holds over every round.""",
+    "grpo_peers": """\
+Both sides gather the ZeRO-3 shards once per rollout, generate with HF generate and the KV cache,
+score with the same rule rewards and take one optimizer step on the same batch. Our step split is
+in the table (TRL logs none). A tie on this setup; the hybrid backend re-registers DeepSpeed's
+ZeRO-3 hooks after every rollout (so the first training forward runs without a prefetch trace), as
+TRL's unwrap_model_for_generation does. vLLM against TRL + vLLM is not measured yet.""",
+    "rollout_backends": """\
+One run per backend on the shared machine (load average in the header): the timings are
+indicative; the token check is exact (every generated id of every rollout on every rank).""",
+}
 
 
 def fmt(v, spec: str = ".0f") -> str:
