@@ -13,6 +13,7 @@ import argparse
 import glob
 import json
 import os
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +126,7 @@ def peer_section(r: dict) -> list[str]:
             vals = [x.get(key) for x in c["runs"][side]]
             errs = [x["error"].splitlines()[0][:120] for x in c["runs"][side] if "error" in x]
             ok = [x for x in vals if x is not None]
-            med = sorted(ok)[len(ok) // 2] if ok else None
+            med = statistics.median(ok) if ok else None
             ratio, verd = "", ""
             if i > 0:
                 st = c["ratios"].get(f"{names[0]} / {side}", {})
@@ -138,7 +139,7 @@ def peer_section(r: dict) -> list[str]:
         for side in names:
             split = [x for x in c["runs"][side] if "generation_s" in x]
             if split:
-                parts = {k: sorted(x[f"{k}_s"] for x in split)[len(split) // 2] for k in ("generation", "scoring", "training")}
+                parts = {k: statistics.median(x[f"{k}_s"] for x in split) for k in ("generation", "scoring", "training")}
                 lines.append(f"| | {side}: step split, s (median of runs) | " +
                              ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + " | | | |")
         mfu = [(side, [x.get("tflops") for x in c["runs"][side] if x.get("tflops") is not None]) for side in names]
@@ -201,14 +202,14 @@ def render(results_dir: str) -> str:
         out.append("No GPU numbers yet: no task with a GPU has run `bash bench/gpu_suite.sh` (bf16, flash-attention, "
                    "MFU, GPU memory, grpo step split on real shapes). Run it on one H100/H200 and commit "
                    "`bench/results/gpu_suite.json`, then this report.\n")
-    if "convert" not in results:
-        out.append(CONVERT_NOTE)
     for n in names:
         r = results[n]
         kind = r.get("kind")
         section = (peer_section if kind == "peer_comparison" else rollout_section if kind == "rollout" else
                    suite_section if kind == "gpu_suite" else generic_section)(r)
         out.append("\n".join(section) + "\n")
+    if "convert" not in results:
+        out.append(CONVERT_NOTE)
     return "\n".join(out)
 
 
