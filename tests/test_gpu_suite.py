@@ -24,7 +24,7 @@ def test_dry_run_runs_every_section(tmp_path):
     out = tmp_path / "out"
     p = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_suite.sh"), "--dry-run", "--out", str(out),
                         "--workdir", str(tmp_path / "wd")], cwd=REPO, env=_env(), capture_output=True, text=True,
-                       timeout=1500)
+                       timeout=3000)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = json.loads((out / "gpu_suite_dryrun.json").read_text())
     assert result["dry_run"] is True and result["versions"]["torch"]
