@@ -25,6 +25,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 _RUNNER = r"""
 import re, sys, gc
@@ -154,14 +155,16 @@ def loss_rows() -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None, help="keep models/corpus here (default: a temp dir)")
-    ap.add_argument("--only", default=None, help="run only rows whose name contains this")
-    ap.add_argument("--loss_bench", action="store_true", help="the plain vs chunked loss rows (vocab 152k, ~10 GB peak)")
+    ap.add_argument("--only", default=None, help="run only rows whose name contains this (no result file written)")
+    ap.add_argument("--loss_bench", action="store_true", help="the plain vs chunked loss rows (vocab 152k, ~9 GB peak)")
     a = ap.parse_args()
     workdir = a.workdir or tempfile.mkdtemp(prefix="bench_memory_")
     os.makedirs(workdir, exist_ok=True)
     tok = make_tokenizer(workdir)
     corpus = make_corpus(workdir, 200_000)
     rows = [r for r in (loss_rows() if a.loss_bench else estimator_rows()) if not a.only or a.only in r["name"]]
+    table = ["| run | params | states MiB | activations | logits + CE | estimate | measured | error |",
+             "|---|---|---|---|---|---|---|---|"]
     print(f"{'run':<32}{'params':>8}{'states':>9}{'activ.':>9}{'logits':>9}{'estimate':>10}{'measured':>10}{'error':>8}")
     for row in rows:
         h, layers, vocab = row["model"]
@@ -171,8 +174,23 @@ def main() -> int:
         err = (est["total"] - got) / got
         print(f"{row['name']:<32}{est['params_m']:>7.1f}M{est['states']:>9.0f}{est['activations']:>9.0f}"
               f"{est['logits']:>9.0f}{est['total']:>10.0f}{got:>10.0f}{100 * err:>7.1f}%", flush=True)
-        row.update(estimate_mib=est["total"], measured_mib=got)
-    print(json.dumps([{k: v for k, v in r.items() if k != "flags"} for r in rows]))
+        table.append(f"| {row['name']} | {est['params_m']:.1f}M | {est['states']:.0f} | {est['activations']:.0f} | "
+                     f"{est['logits']:.0f} | {est['total']:.0f} | {got:.0f} | {100 * err:+.1f}% |")
+        row.update(estimate=est, measured_mib=got, error=err)
+    if not a.only:
+        from common import write_result
+
+        name = "memory_loss" if a.loss_bench else "memory_estimator"
+        title = ("Memory: one sft step at vocab 152k x 4096 tokens, full logits vs chunked loss" if a.loss_bench else
+                 "Memory: estimator (tools/estimate_memory.py) vs measured peaks")
+        intro = ["CPU, fp32, one rank, two optimizer steps of `launch/train.py` (the second with Adam's states "
+                 "allocated); peak RSS above the post-import RSS (VmHWM reset, MALLOC_MMAP_THRESHOLD_=65536 so freed "
+                 "tensors leave RSS); estimate = medgpt_ds/memory.py for the same setup, no framework overhead. "
+                 f"Worst estimate error: {100 * max(abs(r['error']) for r in rows):.1f}%.", ""]
+        path = write_result(name, {"kind": "memory", "title": title, "command": "python bench/bench_memory.py"
+                                   + (" --loss_bench" if a.loss_bench else ""), "table": intro + table,
+                                   "rows": [{k: v for k, v in r.items() if k != "flags"} for r in rows]})
+        print(f"wrote {path}")
     return 0
 
 

@@ -344,7 +344,7 @@ def test_packed_core_attention_keeps_samples_apart():
 def test_sequence_parallel_refusals(tiny_llama, monkeypatch):
     from medgpt_ds.config import parse_args
 
-    with pytest.raises(SystemExit, match="supported for pt, sft, dpo, orpo, not --stage rm"):
+    with pytest.raises(UserError, match="supported for pt, sft, dpo, orpo, not --stage rm"):
         parse_args(["--stage", "rm", "--model_config", "tiny", "--tokenizer_name_or_path", "x", "--output_dir", "o",
                     "--sequence_parallel_size", "2"])
     with pytest.raises(UserError, match="does not divide the world size 1"):

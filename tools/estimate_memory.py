@@ -20,6 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.errors import main_boundary  # noqa: E402
+
 
 def _bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
@@ -61,15 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # deepspeed and transformers log to stdout on import: keep stdout for the table / JSON
     with contextlib.redirect_stdout(sys.stderr):
-        result = _estimate(args)
-    if isinstance(result, str):
-        print(f"error: {result}", file=sys.stderr)
-        return 2
-    arch, setup, est, fits = result
+        arch, setup, est, fits = _estimate(args)
     if args.json:
         out = {k: getattr(est, k) for k in ("params", "grads", "optimizer", "deepspeed_states", "activations",
                                             "logits", "overhead", "cpu_per_node", "tokens_per_rank")}
@@ -84,39 +83,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _estimate(args):
-    """(arch, setup, estimate, {GiB: longest sequence}) or the error message."""
+    """(arch, setup, estimate, {GiB: longest sequence}); a UserError for bad flags or config."""
     from medgpt_ds import memory
     from medgpt_ds.errors import UserError
 
+    for name in ("num_gpus", "nodes", "seq_len", "micro_batch", "sequence_parallel_size", "loss_chunk_size"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     try:
-        for name in ("num_gpus", "nodes", "seq_len", "micro_batch", "sequence_parallel_size", "loss_chunk_size"):
-            if getattr(args, name) <= 0:
-                raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-        try:
-            gpu_mems = [float(x) for x in args.gpu_memory.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--gpu_memory {args.gpu_memory!r}: expected GiB numbers, e.g. 80 or 24,40,80")
-        if args.model_name_or_path in _presets():
-            from transformers import AutoConfig
+        gpu_mems = [float(x) for x in args.gpu_memory.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--gpu_memory {args.gpu_memory!r}: expected GiB numbers, e.g. 80 or 24,40,80") from None
+    if args.model_name_or_path in _presets():
+        from transformers import AutoConfig
 
-            kw = dict(_presets()[args.model_name_or_path])
-            config = AutoConfig.for_model(kw.pop("model_type"), vocab_size=32000, **kw)
-        else:
-            config = memory.load_config(args.model_name_or_path, args.trust_remote_code)
-        arch = memory.arch_from_config(config, lora_rank=args.lora_rank if args.use_peft else 0,
-                                       target_modules=args.target_modules)
-        setup = memory.Setup(
-            zero=args.zero, offload_optimizer=args.offload in ("optimizer", "all"),
-            offload_param=args.offload in ("param", "all"), num_gpus=args.num_gpus, nodes=args.nodes,
-            seq_len=args.seq_len, micro_batch=args.micro_batch, dtype_bytes=4 if args.dtype == "fp32" else 2,
-            gradient_checkpointing=args.gradient_checkpointing, chunked_loss=args.chunked_loss,
-            loss_chunk_size=args.loss_chunk_size, sequence_parallel=args.sequence_parallel_size,
-            attn=args.attn_implementation, tiled_mlp=args.tiled_mlp, offload_activations=args.offload_activations,
-            overhead_gib=args.overhead_gib)
-        est = memory.estimate(arch, setup)
-        fits = {m: memory.max_seq_len(arch, setup, int(m * memory.GiB)) for m in gpu_mems}
-    except UserError as e:
-        return str(e)
+        kw = dict(_presets()[args.model_name_or_path])
+        config = AutoConfig.for_model(kw.pop("model_type"), vocab_size=32000, **kw)
+    else:
+        config = memory.load_config(args.model_name_or_path, args.trust_remote_code)
+    arch = memory.arch_from_config(config, lora_rank=args.lora_rank if args.use_peft else 0,
+                                   target_modules=args.target_modules)
+    setup = memory.Setup(
+        zero=args.zero, offload_optimizer=args.offload in ("optimizer", "all"),
+        offload_param=args.offload in ("param", "all"), num_gpus=args.num_gpus, nodes=args.nodes,
+        seq_len=args.seq_len, micro_batch=args.micro_batch, dtype_bytes=4 if args.dtype == "fp32" else 2,
+        gradient_checkpointing=args.gradient_checkpointing, chunked_loss=args.chunked_loss,
+        loss_chunk_size=args.loss_chunk_size, sequence_parallel=args.sequence_parallel_size,
+        attn=args.attn_implementation, tiled_mlp=args.tiled_mlp, offload_activations=args.offload_activations,
+        overhead_gib=args.overhead_gib)
+    est = memory.estimate(arch, setup)
+    fits = {m: memory.max_seq_len(arch, setup, int(m * memory.GiB)) for m in gpu_mems}
     return arch, setup, est, fits
 
 

@@ -32,6 +32,7 @@ from medgpt_ds import checkpoint, dist, engine as eng, long_context, loop, seque
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.pairs import PairCollator, load_pairs, pair_logps
 from medgpt_ds.data.templates import get_chat_template
+from medgpt_ds.errors import UserError
 from medgpt_ds.losses import DPO_LOSS_TYPES, dpo_loss
 from medgpt_ds.model import count_parameters, load_model, load_tokenizer, resolve_dtype, set_zero3_init
 from medgpt_ds.sequence_parallel import ShardCollator
@@ -159,7 +160,7 @@ def run(cfg) -> loop.TrainState:
     t, d, a = cfg.train, cfg.data, cfg.stage_args or Arguments()
     reference = a.reference if a.reference != "auto" else ("adapter" if cfg.lora.use_peft else "model")
     if reference == "adapter" and not cfg.lora.use_peft:
-        raise SystemExit("error: --reference adapter disables the LoRA adapter for the reference: add --use_peft "
+        raise UserError("--reference adapter disables the LoRA adapter for the reference: add --use_peft "
                          "(or use --reference model / precomputed)")
     dist.init(t.ddp_timeout)
     dist.init_sequence_parallel(t.sequence_parallel_size)
@@ -168,10 +169,7 @@ def run(cfg) -> loop.TrainState:
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    try:
-        tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
     train_items, eval_items = load_pairs(cfg, tokenizer, "dpo")
 
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,

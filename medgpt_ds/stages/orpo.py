@@ -49,10 +49,7 @@ def run(cfg) -> loop.TrainState:
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    try:
-        tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
     train_items, eval_items = load_pairs(cfg, tokenizer, a.loss_type)
 
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForTokenClassification, set_seed
+from transformers import AutoConfig, set_seed
 
 from medgpt_ds import checkpoint, dist, engine as eng, loop
 from medgpt_ds.logprobs import entropy_from_logits
 from medgpt_ds.losses import ppo_policy_loss, ppo_value_loss
 from medgpt_ds.metrics import MetricsLogger
-from medgpt_ds.model import load_model, set_zero3_init
+from medgpt_ds.model import load_model, set_zero3_init, value_model_class
 from medgpt_ds.rollout import (AdaptiveKLController, FixedKLController, RLSetup, RolloutArguments, chunked,
                                critic_values, gae, global_sums, kl_estimate, no_dropout, policy_logprobs,
                                shape_rewards, whiten)
@@ -74,7 +74,7 @@ def load_critic(cfg, path: str, tokenizer, ds_config: dict):
     config.num_labels, config.classifier_dropout, config.token_classification_bias = 1, 0.0, False
     config.pad_token_id = tokenizer.pad_token_id
     args = dataclasses.replace(cfg.model, model_name_or_path=path, model_config=None)
-    return load_model(args, cfg.train, cfg.lora, tokenizer, ds_config, model_cls=AutoModelForTokenClassification,
+    return load_model(args, cfg.train, cfg.lora, tokenizer, ds_config, model_cls=value_model_class(config),
                       extra_config={"config": config}, peft_task_type="TOKEN_CLS")
 
 

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 from transformers import set_seed
 
 from medgpt_ds import checkpoint, dist, engine as eng, long_context, loop
 from medgpt_ds.convert import write_hf_meta
-from medgpt_ds.data.loading import load_train_eval, tokenize_records
-from medgpt_ds.data.packing import PackedCollator, PaddedCollator, pack_sequences
+from medgpt_ds.data.loading import data_key, load_train_eval, resolve_tools, tokenize_records
+from medgpt_ds.data.packing import PackingPlan, PaddedCollator, model_inputs, pack_sequences, packing_plan
 from medgpt_ds.data.templates import encode_conversation, get_chat_template
+from medgpt_ds.errors import UserError
 from medgpt_ds.losses import causal_lm_loss, chunked_causal_lm_loss
-from medgpt_ds.model import count_parameters, load_model, load_tokenizer, set_zero3_init
+from medgpt_ds.model import (count_parameters, load_config, load_model, load_tokenizer, resolve_attn_implementation,
+                             set_zero3_init)
 from medgpt_ds.sequence_parallel import ShardCollator
 
 
@@ -29,8 +32,7 @@ def lm_loss_sum(engine, batch: dict, chunk_size: int = 0):
     """Summed next-token cross entropy over label tokens (the loop normalises globally). With
     ``chunk_size`` the head and loss run in chunks of tokens from the final hidden states (no full
     logits); a sequence-parallel shard carries pre-shifted ``shift_labels``."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
-              "position_ids": batch.get("position_ids"), "use_cache": False}
+    inputs = {**model_inputs(batch), "use_cache": False}
     if chunk_size:
         hidden = long_context.final_hidden_states(engine, **inputs)
         head = long_context.OutputHead(engine)
@@ -42,15 +44,25 @@ def lm_loss_sum(engine, batch: dict, chunk_size: int = 0):
     return loss, {}
 
 
-def pack_or_pad(items: list[dict], max_len: int, packing: bool, pad_id: int, what: str):
-    """Rows of packed samples (first-fit decreasing) or single samples, and their collator."""
-    if not packing:
+def pack_or_pad(items: list[dict], max_len: int, plan: Optional[PackingPlan], pad_id: int, what: str):
+    """Rows of packed samples (best-fit decreasing) in the plan's layout, or single padded samples
+    (no plan: --packing False; or a model packing cannot keep exact here), and their collator."""
+    if plan is None or plan.layout == "padded":
+        if plan is not None:
+            dist.print0(plan.notice)
         return items, PaddedCollator(pad_id)
     rows = pack_sequences([len(x["input_ids"]) for x in items], max_len)
     n_tok = sum(len(x["input_ids"]) for x in items)
     dist.print0(f"{what}: packed {len(items)} samples into {len(rows)} rows of <= {max_len} tokens "
-                f"(fill {100 * n_tok / max(1, len(rows) * max_len):.1f}%)")
-    return [[items[i] for i in row] for row in rows], PackedCollator(pad_id)
+                f"(fill {100 * n_tok / max(1, len(rows) * max_len):.1f}%, layout {plan.layout})")
+    return [[items[i] for i in row] for row in rows], plan.collator(pad_id)
+
+
+def plan_packing(cfg, tokenizer) -> Optional[PackingPlan]:
+    """The packed layout for this run's model and attention (None with --packing False)."""
+    if cfg.data.packing is False:
+        return None
+    return packing_plan(load_config(cfg.model, tokenizer), resolve_attn_implementation(cfg.model), dist.device().type)
 
 
 def run(cfg) -> loop.TrainState:
@@ -63,13 +75,14 @@ def run(cfg) -> loop.TrainState:
 
     tokenizer = load_tokenizer(cfg.model)
     tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
-    train_recs, eval_recs, _ = load_train_eval(d, "sft", t.seed)
+    train_recs, eval_recs, files = load_train_eval(d, "sft", t.seed, output_dir=t.output_dir)
+    tool_format = resolve_tools(d, tokenizer, train_recs + eval_recs)
 
     def encode(rec: dict):
         return encode_conversation(tokenizer, tokenizer.chat_template, rec["messages"], d.model_max_length,
-                                   train_on_inputs=d.train_on_inputs)
+                                   train_on_inputs=d.train_on_inputs, tools=rec.get("tools"), tool_format=tool_format)
 
-    key = ["sft", tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, d.model_max_length, d.train_on_inputs]
+    key = [data_key("sft", d, tokenizer, files, t.seed, tool_format=tool_format)]
     cache = f"{t.output_dir}/.cache/tokenized" if not cfg.model.cache_dir else f"{cfg.model.cache_dir}/tokenized"
     train_items, counts = tokenize_records(train_recs, encode, cache_dir=cache, key=key + ["train"],
                                            num_proc=d.preprocessing_num_workers, overwrite=d.overwrite_cache, desc="sft-train")
@@ -80,9 +93,9 @@ def run(cfg) -> loop.TrainState:
         eval_items, ecounts = tokenize_records(eval_recs, encode, cache_dir=cache, key=key + ["eval"], desc="sft-eval")
         dist.print0(f"sft eval: {ecounts['kept']} kept, {ecounts['dropped']} dropped of {ecounts['records']}")
     if not train_items:
-        raise SystemExit("error: no training sample left after tokenization (all dropped); raise --model_max_length")
-    packing = d.packing is not False
-    train_items, collate = pack_or_pad(train_items, d.model_max_length, packing, tokenizer.pad_token_id, "sft train")
+        raise UserError("no training sample left after tokenization (all dropped); raise --model_max_length")
+    train_items, collate = pack_or_pad(train_items, d.model_max_length, plan_packing(cfg, tokenizer),
+                                       tokenizer.pad_token_id, "sft train")
 
     world = dist.dp_world_size()
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,
