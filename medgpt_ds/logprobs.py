@@ -111,10 +111,11 @@ def scored_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[
 
 
 def _chunk_logps(h: torch.Tensor, y: torch.Tensor, head: Callable) -> torch.Tensor:
-    # h: (n, H), y: (n,) -> (n,) log p(y | h), float32 for fp16/bf16 logits
+    # h: (n, H), y: (n,) -> (n,) log p(y | h), float32 for fp16/bf16 logits. cross_entropy keeps only
+    # its log-softmax for backward (logsumexp would keep the logits and allocate a softmax too).
     logits = head(h)  # (n, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return -F.cross_entropy(logits, y, reduction="none")
 
 
 class _FrozenHeadLogps(torch.autograd.Function):
