@@ -126,8 +126,8 @@ def estimate_mib(model_dir: str, row: dict) -> dict:
                          loss_chunk_size=row.get("chunk", 1024), tiled_mlp=row.get("tiled_mlp", False), overhead_gib=0.0)
     est = memory.estimate(arch, setup)
     mib = 2 ** 20
-    return {"states": est.deepspeed_states / mib, "activations": est.activations / mib, "logits": est.logits / mib,
-            "total": est.per_gpu / mib, "params_m": arch.total_params / 1e6}
+    return {"states": est.deepspeed_states / mib, "activations": est.activations / mib, "recompute": est.recompute / mib,
+            "logits": est.logits / mib, "total": est.per_gpu / mib, "params_m": arch.total_params / 1e6}
 
 
 def estimator_rows() -> list[dict]:
@@ -163,9 +163,10 @@ def main() -> int:
     tok = make_tokenizer(workdir)
     corpus = make_corpus(workdir, 200_000)
     rows = [r for r in (loss_rows() if a.loss_bench else estimator_rows()) if not a.only or a.only in r["name"]]
-    table = ["| run | params | states MiB | activations | logits + CE | estimate | measured | error |",
-             "|---|---|---|---|---|---|---|---|"]
-    print(f"{'run':<32}{'params':>8}{'states':>9}{'activ.':>9}{'logits':>9}{'estimate':>10}{'measured':>10}{'error':>8}")
+    table = ["| run | params | states MiB | activations kept | layer recompute | logits + CE | estimate | measured | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    print(f"{'run':<32}{'params':>8}{'states':>9}{'activ.':>9}{'recomp.':>9}{'logits':>9}{'estimate':>10}{'measured':>10}"
+          f"{'error':>8}")
     for row in rows:
         h, layers, vocab = row["model"]
         model_dir = make_model(workdir, f"llama_h{h}_l{layers}_v{vocab}", h, layers, vocab, tok)
@@ -173,9 +174,9 @@ def main() -> int:
         got = measure(model_dir, make_sft(workdir) if row.get("data") == "sft" else corpus, workdir, row)
         err = (est["total"] - got) / got
         print(f"{row['name']:<32}{est['params_m']:>7.1f}M{est['states']:>9.0f}{est['activations']:>9.0f}"
-              f"{est['logits']:>9.0f}{est['total']:>10.0f}{got:>10.0f}{100 * err:>7.1f}%", flush=True)
+              f"{est['recompute']:>9.0f}{est['logits']:>9.0f}{est['total']:>10.0f}{got:>10.0f}{100 * err:>7.1f}%", flush=True)
         table.append(f"| {row['name']} | {est['params_m']:.1f}M | {est['states']:.0f} | {est['activations']:.0f} | "
-                     f"{est['logits']:.0f} | {est['total']:.0f} | {got:.0f} | {100 * err:+.1f}% |")
+                     f"{est['recompute']:.0f} | {est['logits']:.0f} | {est['total']:.0f} | {got:.0f} | {100 * err:+.1f}% |")
         row.update(estimate=est, measured_mib=got, error=err)
     if not a.only:
         from common import write_result
@@ -185,7 +186,8 @@ def main() -> int:
                  "Memory: estimator (tools/estimate_memory.py) vs measured peaks")
         intro = ["CPU, fp32, one rank, two optimizer steps of `launch/train.py` (the second with Adam's states "
                  "allocated); peak RSS above the post-import RSS (VmHWM reset, MALLOC_MMAP_THRESHOLD_=65536 so freed "
-                 "tensors leave RSS); estimate = medgpt_ds/memory.py for the same setup, no framework overhead. "
+                 "tensors leave RSS); estimate = medgpt_ds/memory.py for the same setup, no framework overhead (total = "
+                 "states + activations kept + the larger of layer recompute and logits). "
                  f"Worst estimate error: {100 * max(abs(r['error']) for r in rows):.1f}%.", ""]
         path = write_result(name, {"kind": "memory", "title": title, "command": "python bench/bench_memory.py"
                                    + (" --loss_bench" if a.loss_bench else ""), "table": intro + table,

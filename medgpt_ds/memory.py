@@ -11,7 +11,8 @@ Activations are counted per token per decoder layer from the architecture (hidde
 key-value widths, MLP or MoE widths), with coefficients measured on this trainer's forward (HF
 decoder layer, sdpa, torch 2.13): ``4.4 q + 2 kv + 4 i`` elements plus the two RMSNorms (an fp32
 copy and a model-dtype copy of the hidden state each). With gradient checkpointing a layer keeps
-only its input (``h`` elements) and one layer is recomputed at a time. The logits and cross
+only its input (``h`` elements) and one layer is recomputed at a time, after the loss's backward
+(the larger of the two counts). The logits and cross
 entropy cost 12 bytes per (token, vocab) element at their backward peak (the fp32 log-softmax
 output, its gradient and the logits' gradient; 14 in mixed precision); the chunked loss keeps one
 chunk of them. Everything is
@@ -85,7 +86,8 @@ class Estimate:
     grads: int
     optimizer: int
     deepspeed_states: int  # DeepSpeed's estimator (16-bit) or the fp32 accounting; = params + grads + optimizer
-    activations: int
+    activations: int  # kept for backward (plus the embedding output, final norm, largest weight gradient)
+    recompute: int  # one layer's activations, again, during its recomputation (checkpointing / offload)
     logits: int
     overhead: int
     cpu_per_node: int
@@ -93,7 +95,9 @@ class Estimate:
 
     @property
     def per_gpu(self) -> int:
-        return self.deepspeed_states + self.activations + self.logits + self.overhead
+        """The recomputation of a layer and the loss's logits are not alive at the same time (the
+        loss's backward finishes before the last layer is recomputed): the larger of the two counts."""
+        return self.deepspeed_states + self.activations + max(self.recompute, self.logits) + self.overhead
 
 
 # --- architecture -----------------------------------------------------------------------------
@@ -255,8 +259,8 @@ def activations(arch: Arch, s: Setup, seq_len: Optional[int] = None) -> dict:
     """Activation and logits bytes per rank for one micro batch of ``seq_len`` tokens per sample.
 
     Without checkpointing every layer keeps its activations; with it every layer keeps its input and
-    one layer's activations exist again during its recomputation. Offloaded activations live in CPU
-    RAM (``offloaded``) with one layer's worth in flight on the device. Backward also produces the
+    one layer's activations exist again during its recomputation (``recompute``). Offloaded
+    activations live in CPU RAM (``offloaded``) with one layer's worth in flight on the device. Backward also produces the
     largest weight's gradient (the embedding or output head) before accumulating it."""
     seq_len = seq_len or s.seq_len
     w = s.dtype_bytes
@@ -267,14 +271,15 @@ def activations(arch: Arch, s: Setup, seq_len: Optional[int] = None) -> dict:
     kept_per_layer = w * arch.hidden_size * tokens if s.gradient_checkpointing else one_layer
     kept = kept_per_layer * arch.num_layers
     offloaded = kept if s.offload_activations else 0
-    device = (kept - offloaded) + (one_layer if (s.gradient_checkpointing or s.offload_activations) else 0)
-    device += 2 * w * arch.hidden_size * tokens  # embeddings output and the final norm
+    recompute = one_layer if (s.gradient_checkpointing or s.offload_activations) else 0
+    device = kept - offloaded + 2 * w * arch.hidden_size * tokens  # + embeddings output and the final norm
     device += w * arch.largest_layer_params  # backward's gradient of the largest weight, before it is accumulated
     loss_tokens = min(tokens, s.loss_chunk_size) if s.chunked_loss else tokens
     # backward peak of the loss: fp32 log-softmax output, its gradient and the logits' gradient (12
     # bytes), plus the 16-bit copy of that gradient in mixed precision
     logits = (12 + (w if w < 4 else 0)) * loss_tokens * arch.vocab_size
-    return {"activations": int(device), "logits": int(logits), "tokens_per_rank": tokens, "offloaded": int(offloaded)}
+    return {"activations": int(device), "recompute": int(recompute), "logits": int(logits), "tokens_per_rank": tokens,
+            "offloaded": int(offloaded)}
 
 
 def estimate(arch: Arch, s: Setup) -> Estimate:
@@ -285,7 +290,8 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     act = activations(arch, s)
     cpu = ms["cpu_per_node"] + act["offloaded"] * s.num_gpus
     return Estimate(params=ms["params"], grads=ms["grads"], optimizer=ms["optimizer"], deepspeed_states=ms["total"],
-                    activations=act["activations"], logits=act["logits"], overhead=int(s.overhead_gib * GiB),
+                    activations=act["activations"], recompute=act["recompute"], logits=act["logits"],
+                    overhead=int(s.overhead_gib * GiB),
                     cpu_per_node=int(cpu), tokens_per_rank=act["tokens_per_rank"])
 
 
@@ -332,8 +338,10 @@ def format_table(arch: Arch, s: Setup, est: Estimate, fits: Optional[dict] = Non
         f"  {'gradients':<42}{g(est.grads)}",
         f"  {'optimizer states (fp32 master + Adam)':<42}{g(est.optimizer)}",
         f"  {'= model states (DeepSpeed estimator)':<42}{g(est.deepspeed_states)}",
-        f"  {'activations (decoder layers)':<42}{g(est.activations)}",
-        f"  {'logits + cross entropy':<42}{g(est.logits)}",
+        f"  {'activations kept for backward':<42}{g(est.activations)}",
+        f"  {'a layer recomputed in backward (a)':<42}{g(est.recompute)}",
+        f"  {'logits + cross entropy (b)':<42}{g(est.logits)}",
+        f"  {'  (a) and (b) never coexist: max counted':<42}",
         f"  {'framework overhead':<42}{g(est.overhead)}",
         f"  {'total':<42}{g(est.per_gpu)}",
         f"{'CPU RAM per node':<44}{g(est.cpu_per_node)}",

@@ -93,8 +93,13 @@ def test_activations_and_logits_by_hand(arch):
     assert act["logits"] == 14 * 1024 * 1000  # fp32 log-softmax, its grad, the logits' grad + 16-bit copy
     chunked = memory.activations(arch, memory.Setup(seq_len=1024, dtype_bytes=2, loss_chunk_size=256))
     assert chunked["logits"] == 14 * 256 * 1000
-    gc = memory.activations(arch, memory.Setup(seq_len=1024, dtype_bytes=2, gradient_checkpointing=True))
-    assert gc["activations"] == int(2 * 64 * 1024 * 2 + per_token_layer * 1024 + 2 * 2 * 64 * 1024 + grad_buffer)
+    assert act["recompute"] == 0
+    gc_setup = memory.Setup(seq_len=1024, dtype_bytes=2, gradient_checkpointing=True, chunked_loss=False)
+    gc = memory.activations(arch, gc_setup)
+    assert gc["activations"] == int(2 * 64 * 1024 * 2 + 2 * 2 * 64 * 1024 + grad_buffer)  # layer inputs + ...
+    assert gc["recompute"] == int(per_token_layer * 1024)  # one layer again, after the loss's backward
+    est = memory.estimate(arch, memory.Setup(**{**gc_setup.__dict__, "overhead_gib": 0.0}))
+    assert est.per_gpu == est.deepspeed_states + gc["activations"] + max(gc["recompute"], gc["logits"])
     off = memory.activations(arch, memory.Setup(seq_len=1024, dtype_bytes=2, gradient_checkpointing=True,
                                                 offload_activations=True))
     assert off["offloaded"] == 2 * 64 * 1024 * 2 and off["activations"] == gc["activations"] - off["offloaded"]
@@ -134,7 +139,7 @@ def test_estimate_memory_tool(tmp_path):
     p = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=env, timeout=300)
     out = json.loads(p.stdout)
     assert out["total_params"] == P and out["deepspeed_states"] == 4 * LARGEST + 2 * P // 16
-    assert out["per_gpu"] == sum(out[k] for k in ("deepspeed_states", "activations", "logits", "overhead"))
+    assert out["per_gpu"] == out["deepspeed_states"] + out["activations"] + max(out["recompute"], out["logits"])
     assert 0 < out["max_seq_len"]["0.05"] < out["max_seq_len"]["0.1"]
     bad = subprocess.run(cmd[:3] + [str(tmp_path / "missing")], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --model_name_or_path")

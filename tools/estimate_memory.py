@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         arch, setup, est, fits = _estimate(args)
     if args.json:
         out = {k: getattr(est, k) for k in ("params", "grads", "optimizer", "deepspeed_states", "activations",
-                                            "logits", "overhead", "cpu_per_node", "tokens_per_rank")}
+                                            "recompute", "logits", "overhead", "cpu_per_node", "tokens_per_rank")}
         out.update(per_gpu=est.per_gpu, total_params=arch.total_params, trainable_params=arch.lora_params or arch.total_params,
                    max_seq_len={f"{k:g}": v for k, v in fits.items()})
         print(json.dumps(out, indent=2))
