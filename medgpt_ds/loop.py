@@ -155,7 +155,7 @@ def train(*, cfg, engine, model, tokenizer, ds_config: dict, train_items: list, 
     stopper = StopSignal(os.path.join(t.output_dir, ".stop"))
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     is_peft = cfg.lora.use_peft
-    thr = Throughput(num_params)
+    thr = Throughput.for_model(model, ds_config, num_params)  # tokens/s, TFLOP/s, MFU (metrics.py)
     run_config = cfg.to_dict()
 
     def save() -> None:
@@ -197,7 +197,7 @@ def train(*, cfg, engine, model, tokenizer, ds_config: dict, train_items: list, 
             state.global_step += 1
             state.step_in_epoch += 1
             state.consumed_items += micro * ga * world
-            thr.add(int(counts[1].item()), int(counts[2].item()))
+            thr.add(int(counts[1].item()), int(counts[2].item()), step_batches)
             window["loss"] += step_loss
             window["units"] += counts[0].item()
             window["n"] += 1
