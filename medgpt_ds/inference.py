@@ -103,12 +103,12 @@ def load_causal_lm(model_name_or_path: str, adapter: str | None = None, tokenize
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=pick_dtype(dtype, dev),
                                                  trust_remote_code=trust_remote_code)
     if adapter is not None:
-        from peft import PeftModel
+        from medgpt_ds.model import load_adapter
 
         # Training may have added tokens (extended tokenizer, embeddings saved with the adapter).
         if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = load_adapter(model, adapter).merge_and_unload()  # peft's MoE renaming off for our adapters
     return model.to(dev).eval()
 
 
