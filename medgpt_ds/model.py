@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -25,10 +26,6 @@ PRESETS: dict[str, dict] = {
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
                   rms_norm_eps=1e-6, tie_word_embeddings=False),
 }
-
-# Keep the HfDeepSpeedConfig alive: transformers reads it through a weakref to decide on zero.Init.
-_HF_DS_CONFIG = None
-
 
 def load_tokenizer(model_args):
     """The tokenizer of --tokenizer_name_or_path (else the model's), with a pad token."""
@@ -89,22 +86,39 @@ def build_config(model_args, tokenizer) -> PretrainedConfig:
     return config
 
 
-def set_zero3_init(ds_config: dict) -> None:
-    """Register the DeepSpeed config with transformers so from_pretrained / from_config build the
-    model under deepspeed.zero.Init (ZeRO-3): no rank ever holds the whole model."""
-    global _HF_DS_CONFIG
+@contextmanager
+def zero3_init(ds_config: dict):
+    """Under ZeRO-3, register ``ds_config`` with transformers for the duration of the block, so
+    from_pretrained / from_config build the model under deepspeed.zero.Init (no rank ever holds the
+    whole model) and resizing and peft gather partitioned weights. transformers keeps only a weakref:
+    the local name keeps the config alive exactly as long as the block runs."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
     from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config.get("zero_optimization", {}).get("stage") == 3 else None
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_ds_config
 
 
 def load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, *, model_cls=AutoModelForCausalLM,
                extra_config: Optional[dict] = None, peft_task_type: str = "CAUSAL_LM"):
-    """Load (or build from a config) the model to train, with LoRA/QLoRA and checkpointing applied.
-
-    Call after ``set_zero3_init``. ``model_cls`` is AutoModelForCausalLM or, for reward models,
-    AutoModelForSequenceClassification (with extra_config num_labels=1).
+    """Load (or build from a config) the model to train, with LoRA/QLoRA and checkpointing applied,
+    ZeRO-3 partitioned as ``ds_config`` says (zero.Init). ``model_cls`` is AutoModelForCausalLM or,
+    for reward models, AutoModelForSequenceClassification (with extra_config num_labels=1).
     """
+    with zero3_init(ds_config):
+        return _load_model(model_args, train_args, lora_args, tokenizer, ds_config, model_cls, extra_config,
+                           peft_task_type)
+
+
+def _load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, model_cls, extra_config: Optional[dict],
+                peft_task_type: str):
     dtype = resolve_dtype(model_args, train_args)
     attn = resolve_attn_implementation(model_args)
     quant = None
@@ -135,7 +149,7 @@ def load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, *,
         resize_for_tokenizer(model, tokenizer, model_args, ds_config)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False  # packed batches need it off (DESIGN.md); generation turns it back on
+    model.config.use_cache = False  # packed batches need it off (docs/architecture.md); generation turns it back on
 
     if train_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -21,8 +21,9 @@ from medgpt_ds import checkpoint, dist, engine as eng, loop
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.pairs import PairCollator, load_pairs, pair_logps
 from medgpt_ds.data.templates import get_chat_template
+from medgpt_ds.errors import UserError
 from medgpt_ds.losses import orpo_loss, simpo_loss
-from medgpt_ds.model import count_parameters, load_model, load_tokenizer, set_zero3_init
+from medgpt_ds.model import count_parameters, load_model, load_tokenizer
 
 
 @dataclass
@@ -50,7 +51,7 @@ def run(cfg) -> loop.TrainState:
     try:
         tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from None
     train_items, eval_items = load_pairs(cfg, tokenizer, a.loss_type)
 
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,
@@ -58,7 +59,6 @@ def run(cfg) -> loop.TrainState:
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
-    set_zero3_init(ds_config)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
 

@@ -19,8 +19,9 @@ from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.loading import load_train_eval, tokenize_records
 from medgpt_ds.data.packing import PackedCollator, PaddedCollator, pack_sequences
 from medgpt_ds.data.templates import encode_conversation, get_chat_template
+from medgpt_ds.errors import UserError
 from medgpt_ds.losses import causal_lm_loss
-from medgpt_ds.model import count_parameters, load_model, load_tokenizer, set_zero3_init
+from medgpt_ds.model import count_parameters, load_model, load_tokenizer
 
 
 def lm_loss_sum(engine, batch: dict):
@@ -68,7 +69,7 @@ def run(cfg) -> loop.TrainState:
         eval_items, ecounts = tokenize_records(eval_recs, encode, cache_dir=cache, key=key + ["eval"], desc="sft-eval")
         dist.print0(f"sft eval: {ecounts['kept']} kept, {ecounts['dropped']} dropped of {ecounts['records']}")
     if not train_items:
-        raise SystemExit("error: no training sample left after tokenization (all dropped); raise --model_max_length")
+        raise UserError("no training sample left after tokenization (all dropped); raise --model_max_length")
     packing = d.packing is not False
     train_items, collate = pack_or_pad(train_items, d.model_max_length, packing, tokenizer.pad_token_id, "sft train")
 
@@ -78,7 +79,6 @@ def run(cfg) -> loop.TrainState:
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
-    set_zero3_init(ds_config)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
 
