@@ -1,6 +1,6 @@
 """What the RL stages (ppo.py, grpo.py) share before their loops: the checks of their model paths,
-the policy's tokenizer, the prompts and their order, the batch arithmetic, rewards, sampling
-settings, and the actor / frozen models. Plain functions; each stage calls them top to bottom.
+the prompts and their order, the batch arithmetic, rewards, sampling settings, and the actor /
+frozen models. Plain functions; each stage calls them top to bottom.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from transformers import AutoModelForSequenceClassification
 from medgpt_ds import dist, engine as eng
 from medgpt_ds.config import LoraArguments, split_list
 from medgpt_ds.data.loading import load_train_eval
-from medgpt_ds.data.templates import encode_prompt, get_chat_template, turn_terminators
+from medgpt_ds.data.templates import encode_prompt, turn_terminators
 from medgpt_ds.errors import UserError
 from medgpt_ds.generation import SamplingParams
 from medgpt_ds.loop import epoch_order
-from medgpt_ds.model import load_model, load_tokenizer
+from medgpt_ds.model import load_model
 from medgpt_ds.rewards import rule_reward_functions
 from medgpt_ds.scoring import LastTokenScore
 
@@ -42,16 +42,6 @@ def check_model_paths(cfg, a) -> str:
         raise UserError(f"--reward_model_path {a.reward_model_path} is a LoRA adapter; merge it into its base first "
                         "(tools/merge_lora.py) and pass the merged dir")
     return policy
-
-
-def load_policy_tokenizer(model_args, template_name):
-    """The policy's tokenizer with the chat template training used (--template_name or its own)."""
-    tokenizer = load_tokenizer(model_args)
-    try:
-        tokenizer.chat_template = get_chat_template(template_name, tokenizer)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return tokenizer
 
 
 def load_prompts(data_args, tokenizer, seed: int) -> list[dict]:

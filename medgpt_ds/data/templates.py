@@ -12,6 +12,7 @@ for any prefix-consistent template, including a tokenizer's own, without per-tem
 """
 from __future__ import annotations
 
+from medgpt_ds.errors import UserError
 from medgpt_ds.logprobs import IGNORE_INDEX
 
 _SENTINEL = "\u2063MEDGPT_SENTINEL\u2063"  # reply text no tokenizer merges with its neighbours
@@ -141,7 +142,7 @@ def get_chat_template(name: str | None, tokenizer) -> str:
     """The Jinja chat template to train with: a named one, or the tokenizer's own.
 
     ``name`` None or "auto" takes ``tokenizer.chat_template`` and fails, listing the names, when
-    the tokenizer has none. Unknown names raise ValueError with the list of known names.
+    the tokenizer has none. Unknown names raise UserError with the list of known names.
     """
     names = ", ".join(TEMPLATES)
     if name in (None, "", "auto"):
@@ -149,12 +150,11 @@ def get_chat_template(name: str | None, tokenizer) -> str:
         if isinstance(template, dict):  # tokenizers with several named templates
             template = template.get("default")
         if not template:
-            raise ValueError("the tokenizer has no chat_template; pass --template_name with one "
-                             f"of: {names}")
+            raise UserError(f"the tokenizer has no chat_template; pass --template_name with one of: {names}")
         return template
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template_name {name!r}; known templates: {names} "
-                         "(or 'auto' for the tokenizer's own)")
+        raise UserError(f"unknown template_name {name!r}; known templates: {names} "
+                        "(or 'auto' for the tokenizer's own)")
     return TEMPLATES[name]
 
 

@@ -159,10 +159,7 @@ def run(cfg) -> loop.TrainState:
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    try:
-        tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
     train_items, eval_items = load_pairs(cfg, tokenizer, "dpo")
 
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,

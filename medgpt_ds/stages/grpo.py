@@ -29,8 +29,10 @@ from medgpt_ds import checkpoint, dist, engine as eng, generation, rl
 from medgpt_ds.advantages import group_advantages
 from medgpt_ds.config import RolloutArguments
 from medgpt_ds.convert import write_hf_meta
+from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.logprobs import entropy_from_logits
 from medgpt_ds.losses import GRPO_LOSS_TYPES, grpo_loss
+from medgpt_ds.model import load_tokenizer
 from medgpt_ds.run_state import RunState, TrainState, debug_fault
 from medgpt_ds.scoring import in_chunks, policy_logprobs, reference_logprobs, sequence_rewards
 
@@ -83,7 +85,8 @@ def run(cfg) -> Optional[TrainState]:
                              use_peft=cfg.lora.use_peft)
     resume = checkpoint.prepare_output_dir(cfg)
     model_args = dataclasses.replace(cfg.model, model_name_or_path=policy_path)
-    tokenizer = rl.load_policy_tokenizer(model_args, d.template_name)
+    tokenizer = load_tokenizer(model_args)
+    tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
     items = rl.load_prompts(d, tokenizer, t.seed)
     world = dist.world_size()
     n_prompts = a.rollout_batch_size or micro * ga // math.gcd(micro * ga, G)

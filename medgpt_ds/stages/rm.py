@@ -23,7 +23,6 @@ from medgpt_ds import checkpoint, dist, engine as eng, loop
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.pairs import PairCollator, load_pairs
 from medgpt_ds.data.templates import get_chat_template
-from medgpt_ds.errors import UserError
 from medgpt_ds.losses import rm_pairwise_loss
 from medgpt_ds.model import count_parameters, load_model, load_tokenizer
 
@@ -64,10 +63,7 @@ def run(cfg) -> loop.TrainState:
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    try:
-        tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
     train_items, eval_items = load_pairs(cfg, tokenizer, "rm")
 
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,
