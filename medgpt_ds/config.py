@@ -99,8 +99,27 @@ class DataArguments:
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize instead of using the datasets cache."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
+    system_prompt: Optional[str] = field(
+        default=None,
+        metadata={"help": "System prompt put before every record that has none of its own (a system turn or a "
+                          "`system_prompt` column wins); sft, rm, dpo, orpo, ppo, grpo. A preset name: think_answer "
+                          "(MedicalGPT grpo's fixed <think>/<answer> prompt), or the text itself."})
+    tool_format: Optional[str] = field(
+        default=None,
+        metadata={"help": "How tool calls (sharegpt function_call/observation turns, a `tools` schema column) become "
+                          "text: auto (default: native when --template_name is unset and the tokenizer's chat template "
+                          "renders tools, as Qwen2.5/Qwen3 do; else default), native, or MedicalGPT's formats default, "
+                          "qwen, glm4, llama3, mistral."})
+    skip_bad_records: bool = field(
+        default=False,
+        metadata={"help": "Drop records with structural errors (malformed JSON, missing fields, unknown roles) instead "
+                          "of stopping; they are counted and each is listed in output_dir/rejected_records.jsonl."})
 
     def __post_init__(self):
+        from medgpt_ds.data.templates import TOOL_FORMAT_ALIASES, TOOL_FORMATS
+
+        if self.tool_format is not None and self.tool_format not in ("auto", *TOOL_FORMATS, *TOOL_FORMAT_ALIASES):
+            raise ValueError(f"--tool_format must be auto or one of {', '.join(TOOL_FORMATS)}, got {self.tool_format!r}")
         if not 0 <= self.validation_split_percentage < 100:
             raise ValueError("--validation_split_percentage must be in [0, 100)")
         if self.truncation_mode not in ("truncate", "drop"):

@@ -33,7 +33,7 @@ SFT_LINES = [
     '["not", "an", "object"]',                                                              # 3 not an object
     '{"foo": 1}',                                                                           # 4 no conversation
     '{"conversations": [{"from": "bot", "value": "x"}, {"from": "gpt", "value": "y"}]}',    # 5 unknown role
-    '{"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "y"}]}',  # 6 empty value
+    '{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "get_x()"}]}',  # 6 bad call
     '{"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}',  # 7 wrong order
     "",                                                                                     # 8 blank
     '{"conversations": [{"from": "human", "value": 123}, {"from": "gpt", "value": "y"}]}',  # 9 not a string
@@ -46,7 +46,7 @@ SFT_ERRORS = {
     3: "expected a JSON object, got list",
     4: "field 'conversations': missing",
     5: "field 'conversations[0].from': unknown role 'bot'",
-    6: "field 'conversations[0].value': empty",
+    6: "field 'conversations[1].value': a function call must be JSON",
     7: "field 'conversations[0]': role 'assistant' where 'user' was expected",
     9: "field 'conversations[0].value': expected a string, got int",
     11: "field 'output': missing",
@@ -57,7 +57,7 @@ PREF_LINES = [
     '{"conversations": [{"from": "human", "value": "q"}], "chosen": "", "rejected": "bad"}',          # 3 empty chosen
     '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], '
     '"chosen": "c", "rejected": "r"}',                                                                # 4 ends with gpt
-    '{"prompt": "q2", "chosen": "same", "rejected": "same"}',                                         # 5 warning only
+    '{"prompt": "q2", "chosen": "same", "rejected": "same"}',                                         # 5 dropped, warned
     '{"prompt": [{"role": "user", "content": "q3"}], "chosen": [{"role": "assistant", "content": "c"}], '
     '"rejected": [{"role": "assistant", "content": "r"}]}',                                           # 6 ok (TRL)
 ]
@@ -101,8 +101,9 @@ def test_validate_preference_prompt_and_text_files(tmp_path):
     report = validate_data.validate([str(f)], "preference")
     for line, text in PREF_ERRORS.items():
         assert any(e.startswith(f"{f}:{line}: ") and text in e for e in report["errors"]), (line, report["errors"])
-    assert len(report["errors"]) == len(PREF_ERRORS) and report["summary"]["records"] == 3
-    assert report["warnings"] == [f"{f}:5: field 'chosen': identical to 'rejected' (no preference signal)"]
+    assert len(report["errors"]) == len(PREF_ERRORS) and report["summary"]["records"] == 2
+    assert report["warnings"] == [f"{f}: 1 preference pairs dropped: chosen == rejected (first: {f}:5)"]
+    assert report["summary"]["events"] == {"same_pair": 1}
 
     p = _write(tmp_path / "grpo.jsonl", ['{"question": "1+1=?", "answer": "2"}', '{"question": "x", "answer": ["2"]}',
                                          '{"prompt": [{"role": "user", "content": "a"}, '
@@ -120,6 +121,30 @@ def test_validate_preference_prompt_and_text_files(tmp_path):
                                 "be .jsonl, .json or .parquet records"]
     report = validate_data.validate([str(tmp_path / "missing")], "sft")
     assert report["errors"] == [f"{tmp_path / 'missing'}: no such file or directory"]
+
+
+@pytest.mark.unit
+def test_validate_lists_invalid_utf8_and_skipped_files(tmp_path, capsys):
+    d = tmp_path / "sft"
+    good = json.dumps(GOOD_SHAREGPT, ensure_ascii=False).encode()
+    _write(d / "a.jsonl", [])
+    gbk = b'{"conversations": [{"from": "human", "value": "\xb7\xa2\xc8\xc8"}]}'  # GBK bytes, not UTF-8
+    (d / "a.jsonl").write_bytes(good + b"\n" + gbk + b"\n" + good + b"\n")
+    (d / "b.json").write_bytes(b'[\n' + good + b',\n{"text": "\xff"}\n]')
+    (d / "notes.txt").write_text("x")
+    (d / "table.csv").write_text("a,b")
+    report = validate_data.validate([str(d)], "sft")
+    assert report["errors"] == [
+        f"{d / 'a.jsonl'}:2: invalid UTF-8 at column {gbk.index(0xb7) + 1} (byte {len(good) + 1 + gbk.index(0xb7)} "
+        "of the file: b'\\xb7\\xa2\\xc8\\xc8'); "
+        "save the file as UTF-8",
+        f"{d / 'b.json'}:3: invalid UTF-8 (byte {(d / 'b.json').read_bytes().index(0xff)} of the file: "
+        "b'\\xff\"}\\n'); save the file as UTF-8"]
+    assert report["warnings"][0] == (f"{d}: skipped 2 files this stage does not read (it reads .jsonl, .json, .parquet): "
+                                     "notes.txt, table.csv")
+    assert report["summary"]["per_file"][str(d / "a.jsonl")] == {"rows": 3, "records": 2, "errors": 1}
+    assert validate_data.main(["--stage", "sft", str(d)]) == 1
+    assert "invalid UTF-8" in capsys.readouterr().out
 
 
 @pytest.mark.unit
@@ -200,6 +225,34 @@ def test_preference_formats_round_trip(tmp_path):
         "rejected": [{"role": "assistant", "content": "差"}]}
     with pytest.raises(ValueError, match="record 1: a 4-turn prompt has no plain-string TRL form"):
         convert_data.convert_record(PREF_RECORDS[0], "trl_text", 1)
+
+
+TOOL = {"name": "get_weather", "description": "查询天气", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string", "description": "城市"}}, "required": ["city"]}}
+CALL = {"name": "get_weather", "arguments": {"city": "北京"}}
+TOOL_SFT = [{"messages": [{"role": "user", "content": "北京天气？"},
+                          {"role": "assistant", "content": "我查一下。", "tool_calls": [CALL]},
+                          {"role": "tool", "content": '{"temp": 28}'}, {"role": "assistant", "content": "28度。"}],
+             "tools": [TOOL]}]
+TOOL_PREF = [{"prompt": [{"role": "user", "content": "北京天气？"}], "tools": [TOOL],
+              "chosen": {"role": "assistant", "content": "", "tool_calls": [CALL]}, "rejected": "晴天。"}]
+
+
+@pytest.mark.unit
+def test_tool_call_records_convert(tmp_path):
+    _roundtrip(tmp_path, TOOL_SFT, "sft", ["sharegpt", "messages", "sharegpt"])
+    assert convert_data.convert_record(TOOL_SFT[0], "sharegpt") == {"conversations": [
+        {"from": "human", "value": "北京天气？"}, {"from": "gpt", "value": "我查一下。"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "北京"}}'},
+        {"from": "observation", "value": '{"temp": 28}'}, {"from": "gpt", "value": "28度。"}],
+        "tools": json.dumps([TOOL], ensure_ascii=False)}
+    _roundtrip(tmp_path, TOOL_PREF, "preference", ["trl", "trl"])
+    # MedicalGPT's preference files hold a call as its default-format text (as its toolcall_dpo data does)
+    mg = convert_data.convert_record(TOOL_PREF[0], "medicalgpt")
+    assert mg["chosen"] == 'Action: get_weather\nAction Input: {"city": "北京"}\n' and mg["rejected"] == "晴天。"
+    for to, rec in (("alpaca", TOOL_SFT[0]), ("trl_text", TOOL_PREF[0])):
+        with pytest.raises(ValueError, match=f"record 3: tool calls have no {to} form"):
+            convert_data.convert_record(rec, to, 3)
 
 
 @pytest.mark.unit

@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+from medgpt_ds.config import DataArguments
 from medgpt_ds.data.pairs import PairCollator, encode_pair, load_pairs, pair_id, pair_logps
 from medgpt_ds.data.templates import TEMPLATES
 from medgpt_ds.logprobs import IGNORE_INDEX
@@ -108,11 +109,10 @@ def test_load_pairs_counts_and_formats(tmp_path, tiny_tokenizer, capsys):
     tiny_tokenizer.chat_template = CHATML
     for mode, kept in (("truncate", 3), ("drop", 2)):
         cfg = types.SimpleNamespace(
-            data=types.SimpleNamespace(train_file_dir=str(d), validation_file_dir=None, validation_split_percentage=0,
-                                       max_train_samples=None, max_eval_samples=None, max_source_length=32,
-                                       max_target_length=16, truncation_mode=mode, preprocessing_num_workers=None,
-                                       overwrite_cache=False),
-            train=types.SimpleNamespace(seed=1, output_dir=str(tmp_path / mode)), model=types.SimpleNamespace(cache_dir=None))
+            data=DataArguments(train_file_dir=str(d), max_source_length=32, max_target_length=16, truncation_mode=mode,
+                               template_name="chatml"),
+            train=types.SimpleNamespace(seed=1, output_dir=str(tmp_path / mode), stage="dpo"),
+            model=types.SimpleNamespace(cache_dir=None))
         train, evals = load_pairs(cfg, tiny_tokenizer, "dpo")
         assert len(train) == kept and evals == []
         assert train[0]["id"] == train[1]["id"]  # MedicalGPT and TRL spellings of one pair: same tokens, same id

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,78 +30,6 @@ from medgpt_ds.data import formats  # noqa: E402
 # each record is converted on its own so every error is reported).
 CONVERTERS = {"pt": formats._to_pt, "sft": formats._to_sft, "preference": formats._to_preference,
               "prompt": formats._to_prompts}
-
-
-def _json_array_lines(text: str) -> list[int]:
-    """1-based line of each element of a top-level JSON array."""
-    dec, lines, pos, line, counted = json.JSONDecoder(), [], text.index("[") + 1, 1, 0
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return lines
-        line += text.count("\n", counted, pos)
-        counted = pos
-        lines.append(line)
-        _, pos = dec.raw_decode(text, pos)
-
-
-def iter_raw(path: str, kind: str, errors: list[str], stats: dict) -> Iterator[tuple[str, Any]]:
-    """(path:line, object) for every record that parses; parse problems go to ``errors``."""
-    if path.endswith(".txt"):
-        if kind != "pt":
-            errors.append(f"{path}: .txt files hold pretraining text (one document per line); '{kind}' data must "
-                          "be .jsonl, .json or .parquet records")
-            return
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                stats["rows"] += 1
-                if not line.strip():
-                    stats["blank"] += 1
-                    continue
-                yield f"{path}:{n}", {"text": line.rstrip("\r\n")}
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                stats["rows"] += 1
-                if not line.strip():
-                    stats["blank"] += 1
-                    continue
-                try:
-                    yield f"{path}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    errors.append(f"{path}:{n}: malformed JSON: {e.msg} at column {e.colno}")
-    elif path.endswith(".json"):
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            errors.append(f"{path}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}")
-            return
-        if isinstance(data, list):
-            for obj, n in zip(data, _json_array_lines(text)):
-                stats["rows"] += 1
-                yield f"{path}:{n}", obj
-        elif isinstance(data, dict) and isinstance(data.get("data"), list):
-            for i, obj in enumerate(data["data"], 1):
-                stats["rows"] += 1
-                yield f"{path}:record {i}", obj
-        else:
-            errors.append(f"{path}:1: expected a JSON list of records or {{\"data\": [...]}}")
-    elif path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-
-            rows = pq.ParquetFile(path).iter_batches(batch_size=4096)
-            n = 0
-            for batch in rows:
-                for obj in batch.to_pylist():
-                    n += 1
-                    stats["rows"] += 1
-                    yield f"{path}:row {n}", obj
-        except Exception as e:  # a truncated or foreign file: one error for the file
-            errors.append(f"{path}: unreadable parquet file: {e}")
 
 
 def _pct(values: list[int], q: float) -> int:
@@ -116,21 +44,38 @@ def length_stats(values: list[int]) -> dict | None:
             "p95": _pct(values, 0.95), "max": max(values)}
 
 
+def _flat(messages: list[dict], tools=None) -> list[dict]:
+    """Plain messages for counting: tool calls and results in MedicalGPT's default text format."""
+    from medgpt_ds.data.templates import chat_messages
+
+    return chat_messages(messages, tools, "default")[0]
+
+
+def _reply_text(reply: Any) -> str:
+    if isinstance(reply, str):
+        return reply
+    return _flat([reply])[0]["content"]
+
+
 def _chars(rec: dict, kind: str) -> int:
     if kind == "pt":
         return len(rec["text"])
     if kind == "sft":
-        return sum(len(m["content"]) for m in rec["messages"])
-    prompt = sum(len(m["content"]) for m in rec["prompt"])
+        return sum(len(m["content"]) for m in _flat(rec["messages"], rec.get("tools")))
+    prompt = sum(len(m["content"]) for m in _flat(rec["prompt"], rec.get("tools")))
     if kind == "preference":
-        return prompt + max(len(rec["chosen"]), len(rec["rejected"]))
+        return prompt + max(len(_reply_text(rec["chosen"])), len(_reply_text(rec["rejected"])))
     return prompt + len(rec.get("answer") or "")
 
 
-def _tokens(rec: dict, kind: str, tok: Any, template: str | None) -> int:
+def _tokens(rec: dict, kind: str, tok: Any, template: str | None, tool_format: str = "default") -> int:
+    from medgpt_ds.data.templates import chat_messages, reply_message
+
     def render(messages, generation=False):
+        messages, tools = chat_messages(messages, rec.get("tools"), tool_format)
+        kwargs = {"tools": tools} if tools else {}
         return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                       add_generation_prompt=generation)
+                                       add_generation_prompt=generation, **kwargs)
 
     def count(text):
         return len(tok(text, add_special_tokens=False)["input_ids"])
@@ -140,36 +85,48 @@ def _tokens(rec: dict, kind: str, tok: Any, template: str | None) -> int:
     if kind == "sft":
         return count(render(rec["messages"]))
     if kind == "preference":
-        return max(count(render(rec["prompt"] + [{"role": "assistant", "content": rec[k]}]))
+        return max(count(render(rec["prompt"] + [reply_message(rec[k], rec.get("tools"), tool_format)]))
                    for k in ("chosen", "rejected"))
     return count(render(rec["prompt"], generation=True))
 
 
 def validate(paths: list[str], kind: str, *, tokenizer: Any = None, template: str | None = None,
-             max_length: int | None = None) -> dict:
-    """Validate every record under ``paths``; returns the report (errors, warnings, summary)."""
+             max_length: int | None = None, tool_format: str = "default") -> dict:
+    """Validate every record under ``paths``; returns the report (errors, warnings, summary).
+
+    Files are read by the trainer's own reader (formats.iter_raw, so a line that is not UTF-8 is an
+    error naming file:line like any other) and each record converted on its own, so every problem is
+    listed. What the trainer changes or drops on purpose (empty or unanswered turns, chosen ==
+    rejected, prompts without an answer) and files it would skip are warnings."""
     errors: list[str] = []
     warnings: list[str] = []
     files: list[str] = []
+    exts = formats.DEFAULT_EXTS if kind == "pt" else formats.RECORD_EXTS
     for p in paths:
         try:
-            files += formats.find_files(p)
+            files += formats.find_files(p, exts, log=lambda m: warnings.append(m.removeprefix("[data] ")))
         except formats.DataError as e:
             errors.append(str(e))
     convert = CONVERTERS[kind]
-    totals = {"files": len(files), "rows": 0, "blank": 0, "records": 0, "bad_rows": 0, "duplicates": 0,
-              "dropped_trailing_user": 0}
+    totals = {"files": len(files), "rows": 0, "blank": 0, "records": 0, "bad_rows": 0, "duplicates": 0}
     chars, tokens, turns, per_file = [], [], [], {}
     seen: dict[str, str] = {}
     over = 0
+    all_events = formats.Tally()
     for path in files:
-        stats = {"rows": 0, "blank": 0, "dropped_trailing_user": 0}
-        before_err, before_rec = len(errors), totals["records"]
-        for where, obj in iter_raw(path, kind, errors, stats):
+        tally = formats.Tally()
+        rows, before_err, before_rec = 0, len(errors), totals["records"]
+
+        unreadable: list[str] = []  # lines (or files) the reader could not turn into an object
+
+        def on_error(where: str, message: str) -> None:
+            errors.append(message)
+            unreadable.append(where)
+
+        for where, obj in formats.iter_raw(path, kind, tally, on_error):
+            rows += 1
             try:
-                if not isinstance(obj, dict):
-                    raise formats.DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                records = convert(obj, where, stats)
+                records = convert(obj, where, tally)
             except formats.DataError as e:
                 errors.append(str(e))
                 continue
@@ -185,28 +142,25 @@ def validate(paths: list[str], kind: str, *, tokenizer: Any = None, template: st
                         warnings.append(f"{where}: duplicate of {seen[key]}")
                 else:
                     seen[key] = where
-                if kind == "preference" and rec["chosen"].strip() == rec["rejected"].strip():
-                    warnings.append(f"{where}: field 'chosen': identical to 'rejected' (no preference signal)")
                 chars.append(_chars(rec, kind))
                 if kind == "sft":
                     turns.append(len(rec["messages"]))
                 if tokenizer is not None:
-                    n = _tokens(rec, kind, tokenizer, template)
+                    n = _tokens(rec, kind, tokenizer, template, tool_format)
                     tokens.append(n)
                     over += int(max_length is not None and n > max_length)
-        totals["rows"] += stats["rows"]
-        totals["blank"] += stats["blank"]
-        totals["dropped_trailing_user"] += stats["dropped_trailing_user"]
-        if stats["dropped_trailing_user"]:
-            warnings.append(f"{path}: {stats['dropped_trailing_user']} conversations end with an unanswered user "
-                            "turn (dropped, as MedicalGPT does)")
-        per_file[path] = {"rows": stats["rows"], "records": totals["records"] - before_rec,
-                          "errors": len(errors) - before_err}
+        rows += tally["blank"] + len(unreadable)  # every line or element read
+        totals["rows"] += rows
+        totals["blank"] += tally["blank"]
+        warnings += [f"{path}: {line}" for line in tally.lines()]
+        all_events.update(tally)
+        per_file[path] = {"rows": rows, "records": totals["records"] - before_rec, "errors": len(errors) - before_err}
         if per_file[path]["records"] == 0 and per_file[path]["errors"] == 0:
             errors.append(f"{path}: no {kind} records")
     totals["bad_rows"] = len(errors)
     summary = {"kind": kind, **totals, "errors": len(errors), "warnings": len(warnings),
-               "chars": length_stats(chars), "per_file": per_file}
+               "chars": length_stats(chars), "per_file": per_file,
+               "events": {k: v for k, v in all_events.counts.items() if k != "blank"}}
     if kind == "sft":
         summary["turns"] = length_stats(turns)
     if tokenizer is not None:
@@ -252,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--stage", choices=sorted(STAGE_KINDS), help="the kind this stage reads")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder: report token lengths")
     ap.add_argument("--template_name", default=None, help="chat template (default: the tokenizer's own)")
+    ap.add_argument("--tool_format", default=None, help="tool-call rendering for token counts, as in training: auto "
+                                                        "(default), native, default, qwen, glm4, llama3, mistral")
     ap.add_argument("--max_length", type=int, default=None, help="count records longer than this (tokens)")
     ap.add_argument("--max_errors", type=int, default=50, help="errors/warnings printed (all are counted)")
     ap.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -261,19 +217,22 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no data: pass files or folders")
     kind = args.kind or STAGE_KINDS[args.stage]
     tok = template = None
+    tool_format = "default"
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        from medgpt_ds.data.templates import get_chat_template
+        from medgpt_ds.data.templates import get_chat_template, resolve_tool_format
 
         try:
             tok = AutoTokenizer.from_pretrained(args.tokenizer)
             if kind != "pt":
                 template = get_chat_template(args.template_name, tok)
+                tool_format = resolve_tool_format(tok, template, args.template_name, args.tool_format)
         except (OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    report = validate(paths, kind, tokenizer=tok, template=template, max_length=args.max_length)
+    report = validate(paths, kind, tokenizer=tok, template=template, max_length=args.max_length,
+                      tool_format=tool_format)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=1))
     else:

@@ -14,6 +14,7 @@ import json
 import torch
 
 from medgpt_ds import dist
+from medgpt_ds.data.formats import DataError
 from medgpt_ds.data.templates import encode_preference
 from medgpt_ds.logprobs import IGNORE_INDEX, token_logprobs
 
@@ -25,11 +26,13 @@ def pair_id(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int
     return hashlib.sha1(blob).hexdigest()[:20]
 
 
-def encode_pair(tokenizer, chat_template: str, rec: dict, data_args) -> dict | None:
+def encode_pair(tokenizer, chat_template: str, rec: dict, data_args, tool_format: str = "default") -> dict | None:
     """A preference record -> {"id", "prompt_ids", "chosen_ids", "rejected_ids", "truncated"},
-    or None when the pair is over-long and --truncation_mode drop."""
+    or None when the pair is over-long and --truncation_mode drop. Tool calls in the prompt or in
+    chosen/rejected, and the record's tools, are rendered per ``tool_format``."""
     out = encode_preference(tokenizer, chat_template, rec["prompt"], rec["chosen"], rec["rejected"],
-                            data_args.max_source_length, data_args.max_target_length, data_args.truncation_mode)
+                            data_args.max_source_length, data_args.max_target_length, data_args.truncation_mode,
+                            tools=rec.get("tools"), tool_format=tool_format)
     if out is not None:
         out["id"] = pair_id(out["prompt_ids"], out["chosen_ids"], out["rejected_ids"])
     return out
@@ -37,16 +40,16 @@ def encode_pair(tokenizer, chat_template: str, rec: dict, data_args) -> dict | N
 
 def load_pairs(cfg, tokenizer, stage: str) -> tuple[list[dict], list[dict]]:
     """Read, tokenize (datasets cache) and count the train / eval pairs of a preference stage."""
-    from medgpt_ds.data.loading import load_train_eval, tokenize_records
+    from medgpt_ds.data.loading import data_key, load_train_eval, resolve_tools, tokenize_records
 
     d, t = cfg.data, cfg.train
-    train_recs, eval_recs, _ = load_train_eval(d, "preference", t.seed)
-    key = ["pairs", tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, d.max_source_length,
-           d.max_target_length, d.truncation_mode]
+    train_recs, eval_recs, files = load_train_eval(d, "preference", t.seed, output_dir=t.output_dir)
+    tool_format = resolve_tools(d, tokenizer, train_recs + eval_recs)
+    key = [data_key(t.stage, d, tokenizer, files, t.seed, tool_format=tool_format)]
     cache = f"{t.output_dir}/.cache/tokenized" if not cfg.model.cache_dir else f"{cfg.model.cache_dir}/tokenized"
 
     def encode(rec: dict):
-        return encode_pair(tokenizer, tokenizer.chat_template, rec, d)
+        return encode_pair(tokenizer, tokenizer.chat_template, rec, d, tool_format)
 
     out = []
     for split, recs in (("train", train_recs), ("eval", eval_recs)):
@@ -62,8 +65,8 @@ def load_pairs(cfg, tokenizer, stage: str) -> tuple[list[dict], list[dict]]:
                     f"[max_source_length {d.max_source_length}, max_target_length {d.max_target_length}]")
         out.append(items)
     if not out[0]:
-        raise SystemExit(f"error: no training pair left (all {len(train_recs)} dropped as over-long); "
-                         "raise --max_source_length / --max_target_length or use --truncation_mode truncate")
+        raise DataError(f"no training pair left (all {len(train_recs)} dropped as over-long); "
+                        "raise --max_source_length / --max_target_length or use --truncation_mode truncate")
     return out[0], out[1]
 
 

@@ -17,7 +17,7 @@ from transformers import set_seed
 
 from medgpt_ds import checkpoint, dist, engine as eng, loop
 from medgpt_ds.convert import write_hf_meta
-from medgpt_ds.data.loading import load_train_eval, tokenize_records
+from medgpt_ds.data.loading import data_key, load_train_eval, tokenize_records
 from medgpt_ds.data.packing import PaddedCollator, chunk_documents
 from medgpt_ds.model import count_parameters, load_model, load_tokenizer
 from medgpt_ds.stages.sft import lm_loss_sum, pack_or_pad
@@ -38,12 +38,12 @@ def run(cfg) -> loop.TrainState:
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    train_recs, eval_recs, _ = load_train_eval(d, "pt", t.seed)
+    train_recs, eval_recs, files = load_train_eval(d, "pt", t.seed, output_dir=t.output_dir)
 
     def encode(rec: dict):
         return {"input_ids": tokenizer(rec["text"], add_special_tokens=True)["input_ids"]}
 
-    key = ["pt", tokenizer.name_or_path, len(tokenizer)]
+    key = [data_key("pt", d, tokenizer, files, t.seed)]
     cache = f"{t.output_dir}/.cache/tokenized" if not cfg.model.cache_dir else f"{cfg.model.cache_dir}/tokenized"
     docs, _ = tokenize_records(train_recs, encode, cache_dir=cache, key=key + ["train"],
                                num_proc=d.preprocessing_num_workers, overwrite=d.overwrite_cache, desc="pt-train")

@@ -16,7 +16,7 @@ from transformers import set_seed
 
 from medgpt_ds import checkpoint, dist, engine as eng, loop
 from medgpt_ds.convert import write_hf_meta
-from medgpt_ds.data.loading import load_train_eval, tokenize_records
+from medgpt_ds.data.loading import data_key, load_train_eval, resolve_tools, tokenize_records
 from medgpt_ds.data.packing import PackedCollator, PaddedCollator, pack_sequences
 from medgpt_ds.data.templates import encode_conversation, get_chat_template
 from medgpt_ds.errors import UserError
@@ -52,13 +52,14 @@ def run(cfg) -> loop.TrainState:
 
     tokenizer = load_tokenizer(cfg.model)
     tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
-    train_recs, eval_recs, _ = load_train_eval(d, "sft", t.seed)
+    train_recs, eval_recs, files = load_train_eval(d, "sft", t.seed, output_dir=t.output_dir)
+    tool_format = resolve_tools(d, tokenizer, train_recs + eval_recs)
 
     def encode(rec: dict):
         return encode_conversation(tokenizer, tokenizer.chat_template, rec["messages"], d.model_max_length,
-                                   train_on_inputs=d.train_on_inputs)
+                                   train_on_inputs=d.train_on_inputs, tools=rec.get("tools"), tool_format=tool_format)
 
-    key = ["sft", tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, d.model_max_length, d.train_on_inputs]
+    key = [data_key("sft", d, tokenizer, files, t.seed, tool_format=tool_format)]
     cache = f"{t.output_dir}/.cache/tokenized" if not cfg.model.cache_dir else f"{cfg.model.cache_dir}/tokenized"
     train_items, counts = tokenize_records(train_recs, encode, cache_dir=cache, key=key + ["train"],
                                            num_proc=d.preprocessing_num_workers, overwrite=d.overwrite_cache, desc="sft-train")
