@@ -44,11 +44,12 @@ def check_model_paths(cfg, a) -> str:
     return policy
 
 
-def load_prompts(data_args, tokenizer, seed: int) -> list[dict]:
+def load_prompts(data_args, tokenizer, seed: int, output_dir: str) -> list[dict]:
     """Prompts (``question``/``answer``, ``prompt``/``answer``, or every user turn of sft conversations)
     rendered with the chat template's generation prompt and left-truncated to max_source_length:
-    [{"prompt_ids": [...], "answer": str | None}]."""
-    records, eval_records, _ = load_train_eval(data_args, "prompt", seed)
+    [{"prompt_ids": [...], "answer": str | None}]. Records --skip_bad_records drops are listed in
+    ``output_dir``/rejected_records.jsonl."""
+    records, eval_records, _ = load_train_eval(data_args, "prompt", seed, output_dir=output_dir)
     if eval_records:
         dist.print0(f"ppo/grpo: {len(eval_records)} validation records are not used (no evaluation pass in RL stages)")
     limit, truncated, items = data_args.max_source_length, 0, []

@@ -87,7 +87,7 @@ def run(cfg) -> Optional[TrainState]:
     model_args = dataclasses.replace(cfg.model, model_name_or_path=policy_path)
     tokenizer = load_tokenizer(model_args)
     tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
-    items = rl.load_prompts(d, tokenizer, t.seed)
+    items = rl.load_prompts(d, tokenizer, t.seed, t.output_dir)
     world = dist.world_size()
     n_prompts = a.rollout_batch_size or micro * ga // math.gcd(micro * ga, G)
     steps_per_epoch, total_steps = rl.prompt_steps(cfg, len(items), n_prompts, G)
