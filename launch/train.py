@@ -19,7 +19,7 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 from medgpt_ds.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    rc = main()  # errors raise SystemExit with their message, as usual
+    rc = main()  # a user mistake: one `error: ...` line on stderr and 2 (--debug / MEDGPT_DEBUG=1: traceback)
     # A finished run has written, flushed and closed everything (checkpoints, export, metrics) and
     # torn its process group down. Skip the interpreter's teardown: there, torch/gloo/DeepSpeed C++
     # objects are destroyed in arbitrary order and a finished multi-node run occasionally died with

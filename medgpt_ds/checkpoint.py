@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from medgpt_ds import dist
-from medgpt_ds.errors import UserError
+from medgpt_ds.convert.safe_load import load_pickle, pickle_files, vet_checkpoint_files
+from medgpt_ds.convert.zero import check_fits
+from medgpt_ds.errors import CheckpointError, PathNotFound, UserError, writing
 from medgpt_ds.generation import stop_at_end_of_turn
 
 STATE_FILE = "trainer_state.json"
@@ -61,7 +63,7 @@ def read_latest(output_dir: str) -> Optional[str]:
     tag = open(path).read().strip()
     ckpt = os.path.join(output_dir, tag)
     if not os.path.isfile(os.path.join(ckpt, STATE_FILE)):
-        raise RuntimeError(f"{path} points to {tag}, which has no {STATE_FILE}: the checkpoint is damaged")
+        raise CheckpointError(f"{path} points to {tag}, which has no {STATE_FILE}: the checkpoint is damaged")
     return ckpt
 
 
@@ -76,23 +78,24 @@ def save(engine, output_dir: str, state: dict, *, run_config: dict, ds_config: d
     """
     tag = f"checkpoint-{state['global_step']}"
     tag_dir = os.path.join(output_dir, tag)
-    engine.save_checkpoint(output_dir, tag=tag, client_state={"medgpt_state": state}, save_latest=False)
-    for name, other in (extra_engines or {}).items():
-        other.save_checkpoint(os.path.join(tag_dir, name), tag="state", save_latest=False)
-    torch.save(_rng_state(), os.path.join(tag_dir, f"rng_state_{dist.rank()}.pth"))
-    dist.barrier()
-    if dist.is_main():
-        with open(os.path.join(tag_dir, "run_config.json"), "w") as f:
-            json.dump(run_config, f, indent=2, sort_keys=True)
-        with open(os.path.join(tag_dir, "ds_config.json"), "w") as f:
-            json.dump(ds_config, f, indent=2)
-        if hf_meta is not None:
-            hf_meta(tag_dir)
-        # written last: its presence marks the tag dir as complete
-        _atomic_write(os.path.join(tag_dir, STATE_FILE), json.dumps({**state, "world_size": dist.world_size()}, indent=2))
-        _atomic_write(os.path.join(output_dir, "latest"), tag)
-        if save_total_limit:
-            rotate(output_dir, save_total_limit, keep=tag)
+    with writing(tag_dir):  # a full disk: one error line, and `latest` keeps naming the previous checkpoint
+        engine.save_checkpoint(output_dir, tag=tag, client_state={"medgpt_state": state}, save_latest=False)
+        for name, other in (extra_engines or {}).items():
+            other.save_checkpoint(os.path.join(tag_dir, name), tag="state", save_latest=False)
+        torch.save(_rng_state(), os.path.join(tag_dir, f"rng_state_{dist.rank()}.pth"))
+        dist.barrier()
+        if dist.is_main():
+            with open(os.path.join(tag_dir, "run_config.json"), "w") as f:
+                json.dump(run_config, f, indent=2, sort_keys=True)
+            with open(os.path.join(tag_dir, "ds_config.json"), "w") as f:
+                json.dump(ds_config, f, indent=2)
+            if hf_meta is not None:
+                hf_meta(tag_dir)
+            # written last: its presence marks the tag dir as complete
+            _atomic_write(os.path.join(tag_dir, STATE_FILE), json.dumps({**state, "world_size": dist.world_size()}, indent=2))
+            _atomic_write(os.path.join(output_dir, "latest"), tag)
+            if save_total_limit:
+                rotate(output_dir, save_total_limit, keep=tag)
     dist.barrier()
     return tag_dir
 
@@ -122,12 +125,12 @@ def resolve_resume_path(resume: Optional[str], output_dir: str) -> Optional[str]
     if resume == "auto":
         return read_latest(output_dir) if os.path.isdir(output_dir) else None
     if not os.path.isdir(resume):
-        raise UserError(f"--resume_from_checkpoint {resume}: no such directory")
+        raise PathNotFound(f"--resume_from_checkpoint {resume}: no such directory")
     if not os.path.isfile(os.path.join(resume, STATE_FILE)):
         latest = read_latest(resume)  # an output_dir was given
         if latest is None:
-            raise UserError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no {STATE_FILE}) and no "
-                            "'latest' inside")
+            raise CheckpointError(f"--resume_from_checkpoint {resume}: not a complete checkpoint "
+                                  f"(no {STATE_FILE}) and no 'latest' inside")
         return latest
     return resume
 
@@ -137,12 +140,16 @@ def load(engine, ckpt_dir: str, *, load_universal: bool = False, extra_engines: 
     load_dir, tag = os.path.split(ckpt_dir.rstrip("/"))
     if load_universal:
         engine._config.load_universal_checkpoint = True
+    else:
+        # DeepSpeed's own report of a checkpoint of another model is a 56-line size-mismatch dump. The
+        # files were vetted by prepare_output_dir (and DeepSpeed unpickles them without a check anyway).
+        check_fits(ckpt_dir, engine.module, flag="--resume_from_checkpoint", trust=True)
     # a universal checkpoint re-partitions the optimizer, whose param groups the saved LR-scheduler
     # state no longer matches: rebuild the schedule and fast-forward it to the saved step instead
     path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=not load_universal)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt_dir}")
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {ckpt_dir}")
     for name, other in (extra_engines or {}).items():
         p, _ = other.load_checkpoint(os.path.join(ckpt_dir, name), tag="state")
         if p is None:
@@ -155,7 +162,7 @@ def load(engine, ckpt_dir: str, *, load_universal: bool = False, extra_engines: 
     rng_file = os.path.join(ckpt_dir, f"rng_state_{dist.rank()}.pth")
     saved_world = state.pop("world_size", None)
     if saved_world == dist.world_size() and os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))  # numpy/python RNG tuples need pickle
+        _set_rng_state(load_pickle(rng_file))  # numpy RNG state: allowed by safe_load's list
     else:
         dist.print0(f"warning: world size changed ({saved_world} -> {dist.world_size()}): "
                     "RNG streams restart from the seed; data order is still restored")
@@ -165,23 +172,24 @@ def load(engine, ckpt_dir: str, *, load_universal: bool = False, extra_engines: 
 def export_hf(engine, model, tokenizer, out_dir: str, *, is_peft: bool, zero3: bool) -> None:
     """Write the trained model as a Hugging Face folder: full weights (safetensors) or the LoRA
     adapter, plus the tokenizer (with its chat template). Collective under ZeRO-3: all ranks call."""
-    if is_peft:
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if zero3:
-            # a plain rank-0 save under ZeRO-3 writes empty (0,) tensors: gather the adapter first
-            with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+    with writing(out_dir):
+        if is_peft:
+            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            if zero3:
+                # a plain rank-0 save under ZeRO-3 writes empty (0,) tensors: gather the adapter first
+                with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+                    state = {n: p.detach().cpu().clone() for n, p in trainable} if dist.is_main() else None
+            else:
                 state = {n: p.detach().cpu().clone() for n, p in trainable} if dist.is_main() else None
+            if dist.is_main():
+                model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         else:
-            state = {n: p.detach().cpu().clone() for n, p in trainable} if dist.is_main() else None
+            state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+            if dist.is_main():
+                stop_at_end_of_turn(getattr(model, "generation_config", None), tokenizer)
+                model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         if dist.is_main():
-            model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-    else:
-        state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
-        if dist.is_main():
-            stop_at_end_of_turn(getattr(model, "generation_config", None), tokenizer)
-            model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-    if dist.is_main():
-        tokenizer.save_pretrained(out_dir)
+            tokenizer.save_pretrained(out_dir)
     dist.barrier()
 
 
@@ -195,6 +203,8 @@ def prepare_output_dir(cfg) -> Optional[str]:
     manifest, and return the checkpoint to resume from (or None). Call on all ranks."""
     t = cfg.train
     resume = resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+    if resume:  # every pickle DeepSpeed and we will load, through the allow-list (unless --trust_checkpoint)
+        vet_checkpoint_files(pickle_files(resume), trust=t.trust_checkpoint)
     if t.resume_from_checkpoint == "auto" and resume is None:
         dist.print0(f"--resume_from_checkpoint auto: no complete checkpoint in {t.output_dir}, starting fresh")
     if dist.is_main():
@@ -203,8 +213,8 @@ def prepare_output_dir(cfg) -> Optional[str]:
         existing = [d for d in os.listdir(t.output_dir) if d not in manifest] if os.path.isdir(t.output_dir) else []
         if existing and resume is None:
             if not t.overwrite_output_dir and t.resume_from_checkpoint != "auto":
-                raise UserError(f"output_dir {t.output_dir} is not empty; pass --overwrite_output_dir to start over or "
-                                "--resume_from_checkpoint auto to continue")
+                raise UserError(f"output_dir {t.output_dir} is not empty; pass --overwrite_output_dir to "
+                                "start over or --resume_from_checkpoint auto to continue")
             for d in existing:  # stale checkpoints would confuse rotation and `latest`
                 if _TAG_RE.match(d) or d in ("latest", "PREEMPTED"):
                     p = os.path.join(t.output_dir, d)

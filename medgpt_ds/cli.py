@@ -3,34 +3,32 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 from medgpt_ds.config import STAGES, _split_stage, parse_args
+from medgpt_ds.errors import UserError, main_boundary
+from medgpt_ds.model import check_model_files
 
 # stage -> module; each module has run(cfg) and may define `Arguments` (its own flags)
 STAGE_MODULES = {s: f"medgpt_ds.stages.{s}" for s in STAGES}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+@main_boundary
+def main(argv: list[str]) -> int:
+    """Run one stage. A user mistake (UserError) ends as one line ``error: ...`` and exit status 2,
+    before any rank loads a model when the inputs allow it (see errors.main_boundary)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stage = _split_stage(argv)
     if stage not in STAGE_MODULES:
-        raise SystemExit(f"error: --stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
     try:
         module = importlib.import_module(STAGE_MODULES[stage])
     except ModuleNotFoundError as e:
         if e.name == STAGE_MODULES[stage]:
-            raise SystemExit(f"error: stage {stage!r} is not available in this version of medgpt-ds")
+            raise UserError(f"stage {stage!r} is not available in this version of medgpt-ds") from None
         raise
     cfg = parse_args(argv, {stage: getattr(module, "Arguments", None)})
-    from medgpt_ds.errors import UserError
-
-    try:
-        state = module.run(cfg)
-    except UserError as e:
-        # bad input: one clear line naming the file/line/flag, before any training
-        raise SystemExit(f"error: {e}")
+    check_model_files(cfg.model)  # before any rank starts: a missing tokenizer or weights file, named
+    state = module.run(cfg)
     _shutdown()
     return 0 if state is not None else 1
 

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, SchedulerType
 
+from medgpt_ds.data.templates import TEMPLATES
+from medgpt_ds.errors import UserError
 from medgpt_ds.generation import BACKENDS
+from medgpt_ds.model import check_model_path
 from medgpt_ds.rewards import RULE_REWARDS
 
 # The stages: each is medgpt_ds/stages/<name>.py with run(cfg) (and its own flags as `Arguments`),
@@ -122,6 +125,9 @@ class DataArguments:
             raise ValueError(f"--tool_format must be auto or one of {', '.join(TOOL_FORMATS)}, got {self.tool_format!r}")
         if not 0 <= self.validation_split_percentage < 100:
             raise ValueError("--validation_split_percentage must be in [0, 100)")
+        if self.template_name not in (None, "", "auto") and self.template_name not in TEMPLATES:
+            raise ValueError(f"--template_name {self.template_name!r} is not a known template: use one of "
+                             f"{', '.join(TEMPLATES)}, or auto (the tokenizer's own)")
         if self.truncation_mode not in ("truncate", "drop"):
             raise ValueError("--truncation_mode must be truncate or drop")
         for name in ("block_size", "model_max_length", "max_source_length", "max_target_length"):
@@ -161,6 +167,11 @@ class TrainingArguments:
     neft_alpha: float = field(default=0.0, metadata={"help": "NEFTune noise alpha on input embeddings (0: off)."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint dir, or auto (= latest in output_dir)."})
     load_universal: bool = field(default=False, metadata={"help": "Resume from a DeepSpeed universal checkpoint (other world size/stage)."})
+    trust_checkpoint: bool = field(
+        default=False,
+        metadata={"help": "Resume without the allow-list check of the checkpoint's pickles (only for checkpoints you trust: "
+                          "a hostile pickle runs code when loaded)."},
+    )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none (jsonl and stdout always)."})
     logging_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard dir (default output_dir/logs)."})
     ddp_timeout: int = field(default=1800, metadata={"help": "Seconds before a collective times out."})
@@ -176,6 +187,12 @@ class TrainingArguments:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
+        if not self.learning_rate >= 0:  # also NaN
+            raise ValueError(f"--learning_rate must be >= 0, got {self.learning_rate}")
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise ValueError(f"--lr_scheduler_type {self.lr_scheduler_type!r} is not a transformers scheduler: use one "
+                             f"of {', '.join(schedulers)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("--warmup_ratio must be in [0, 1)")
         if self.report_to not in ("tensorboard", "none", "all", "jsonl"):
@@ -313,11 +330,11 @@ def _yaml_to_argv(path: str) -> list[str]:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
-        raise SystemExit(f"error: recipe file not found: {path}")
+        raise UserError(f"recipe file not found: {path}")
     except yaml.YAMLError as e:
-        raise SystemExit(f"error: recipe {path} is not valid YAML: {e}")
+        raise UserError(f"recipe {path} is not valid YAML: {e}")
     if not isinstance(data, dict):
-        raise SystemExit(f"error: recipe {path} must be a mapping of flag: value")
+        raise UserError(f"recipe {path} must be a mapping of flag: value")
     argv: list[str] = []
     for key, value in data.items():
         if value is None:
@@ -370,7 +387,7 @@ def parse_args(argv: list[str] | None = None, stage_dataclasses: dict | None = N
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            raise SystemExit("error: --config needs a YAML path")
+            raise UserError("--config needs a YAML path")
         recipe = argv[i + 1]
         del argv[i : i + 2]
     if recipe:
@@ -386,7 +403,7 @@ def parse_args(argv: list[str] | None = None, stage_dataclasses: dict | None = N
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:  # raised by a dataclass __post_init__ check
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from None
     *objs, remaining = parsed
     if remaining:
         msgs = []
@@ -398,7 +415,7 @@ def parse_args(argv: list[str] | None = None, stage_dataclasses: dict | None = N
                 msgs.append(f"unknown flag --{name}{hint}")
             else:
                 msgs.append(f"unexpected argument {r!r}")
-        raise SystemExit("error: " + "; ".join(msgs) + f" [stage {stage}]")
+        raise UserError("; ".join(msgs) + f" [stage {stage}]")
     model, data, train, lora = objs[:4]
     cfg = RunConfig(model=model, data=data, train=train, lora=lora, stage_args=objs[4] if extra else None)
     _cross_checks(cfg)
@@ -410,34 +427,25 @@ def _cross_checks(cfg: RunConfig) -> None:
     if cfg.lora.qlora and not (m.load_in_4bit or m.load_in_8bit):
         m.load_in_4bit = True
     if (m.load_in_4bit or m.load_in_8bit) and not lora.use_peft:
-        raise SystemExit("error: --load_in_4bit/--load_in_8bit/--qlora train an adapter: add --use_peft")
+        raise UserError("--load_in_4bit/--load_in_8bit/--qlora train an adapter: add --use_peft")
     if m.model_name_or_path and m.model_config:
-        raise SystemExit("error: give either --model_name_or_path (pretrained) or --model_config (from scratch), not both")
+        raise UserError("give either --model_name_or_path (pretrained) or --model_config (from scratch), not both")
     if t.stage in ("pt", "sft", "rm", "dpo", "orpo") and not (m.model_name_or_path or m.model_config):
-        raise SystemExit("error: --model_name_or_path (or --model_config for random init) is required")
+        raise UserError("--model_name_or_path (or --model_config for random init) is required")
     if m.model_config and lora.use_peft:
-        raise SystemExit("error: --use_peft trains an adapter on pretrained weights; with --model_config (random init) "
+        raise UserError("--use_peft trains an adapter on pretrained weights; with --model_config (random init) "
                          "train all weights, or save the model first and pass it as --model_name_or_path")
     if m.model_config and not (m.tokenizer_name_or_path or m.model_name_or_path):
-        raise SystemExit("error: --model_config needs --tokenizer_name_or_path (train one with tools/train_tokenizer.py)")
+        raise UserError("--model_config needs --tokenizer_name_or_path (train one with tools/train_tokenizer.py)")
     for flag in ("model_name_or_path", "tokenizer_name_or_path"):
-        p = getattr(m, flag)
-        if p and not os.path.exists(os.path.expanduser(p)) and not _in_hub_cache(p, m.cache_dir):
-            local_looking = p.startswith(("/", ".", "~")) or p.count("/") != 1
-            if local_looking or os.environ.get("HF_HUB_OFFLINE") == "1":
-                raise SystemExit(f"error: --{flag} {p}: no such directory (and not in the hub cache)")
+        if getattr(m, flag) and not os.path.exists(os.path.expanduser(getattr(m, flag))):
+            check_model_path(getattr(m, flag), f"--{flag}", cache_dir=m.cache_dir)  # the folder's contents: cli.main
+    if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):
+        raise UserError(f"--output_dir {t.output_dir} is a file, not a folder")
     if t.deepspeed and not os.path.isfile(t.deepspeed):
-        raise SystemExit(f"error: --deepspeed {t.deepspeed}: no such file")
+        raise UserError(f"--deepspeed {t.deepspeed}: no such file")
     if cfg.data.train_file_dir and not os.path.exists(cfg.data.train_file_dir):
-        raise SystemExit(f"error: --train_file_dir {cfg.data.train_file_dir}: no such file or directory")
+        raise UserError(f"--train_file_dir {cfg.data.train_file_dir}: no such file or directory")
     if cfg.data.validation_file_dir and not os.path.exists(cfg.data.validation_file_dir):
-        raise SystemExit(f"error: --validation_file_dir {cfg.data.validation_file_dir}: no such file or directory")
+        raise UserError(f"--validation_file_dir {cfg.data.validation_file_dir}: no such file or directory")
 
-
-def _in_hub_cache(repo_id: str, cache_dir: Optional[str]) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir), str)
-    except Exception:  # noqa: BLE001 - an invalid repo id is simply "not cached"
-        return False

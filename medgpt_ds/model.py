@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from medgpt_ds import dist
+from medgpt_ds.errors import PathNotFound, UserError
 
 # From-scratch presets (the "learn the pipeline on a laptop" path). Vocabulary comes from the tokenizer.
 PRESETS: dict[str, dict] = {
@@ -27,6 +28,13 @@ PRESETS: dict[str, dict] = {
                   rms_norm_eps=1e-6, tie_word_embeddings=False),
 }
 
+# What a local model folder must hold for transformers to load it (checked before it is asked to:
+# its own errors mislead, e.g. a folder with only a config.json ends in "install sentencepiece").
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(model_args):
     """The tokenizer of --tokenizer_name_or_path (else the model's), with a pad token."""
     path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
@@ -38,6 +46,79 @@ def load_tokenizer(model_args):
     if tok.pad_token is None:
         raise ValueError(f"tokenizer {path} has no pad, eos or unk token; add one")
     return tok
+
+
+def in_hub_cache(repo_id: str, cache_dir: Optional[str] = None) -> bool:
+    """Whether a hub id's config.json is in the local hub cache (an invalid id is simply not cached)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id raises; it is not cached either
+        return False
+
+
+def check_model_path(path: str, flag: str, *, weights: bool = True, tokenizer: bool = False,
+                     cache_dir: Optional[str] = None) -> None:
+    """UserError naming ``flag`` when ``path`` cannot be what it is passed as: missing (and not a
+    cached hub id), a DeepSpeed training checkpoint instead of a Hugging Face folder, or a folder
+    without weights (``weights``) or tokenizer files (``tokenizer``). Hub ids are left to transformers."""
+    local = os.path.expanduser(path)
+    if not os.path.exists(local):
+        local_looking = path.startswith(("/", ".", "~")) or path.count("/") != 1
+        if (local_looking or os.environ.get("HF_HUB_OFFLINE") == "1") and not in_hub_cache(path, cache_dir):
+            raise PathNotFound(f"{flag} {path}: no such directory (and not in the hub cache)")
+        return
+    if not os.path.isdir(local):
+        raise UserError(f"{flag} {path} is a file; pass the model folder")
+    names = set(os.listdir(local))
+    has_config = bool(names & {"config.json", "adapter_config.json"})
+    if not has_config and any(n.endswith("_model_states.pt") for n in names):
+        parent = os.path.dirname(os.path.normpath(local))
+        export = f"the run's final export {parent}, or " if os.path.isfile(os.path.join(parent, "config.json")) else ""
+        raise UserError(f"{flag} {path} is a DeepSpeed training checkpoint, not a Hugging Face model: pass {export}"
+                        f"a folder converted with: python tools/zero_to_hf.py --checkpoint_dir {path} "
+                        f"--output_dir {os.path.normpath(path)}-hf")
+    if not has_config and ("latest" in names or any(n.startswith("checkpoint-") for n in names)):
+        raise UserError(f"{flag} {path} holds DeepSpeed checkpoints but no Hugging Face export (the run did not "
+                        f"finish?): convert the latest with: python tools/zero_to_hf.py --checkpoint_dir {path} "
+                        f"--output_dir {os.path.normpath(path)}/hf")
+    missing = []
+    if weights and not has_config:
+        missing.append("config.json")
+    if weights and not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        missing.append("weights (model.safetensors, model-*-of-*.safetensors or pytorch_model.bin)")
+    if tokenizer and not (names & set(TOKENIZER_FILES) or any(n.endswith((".tiktoken", ".model")) for n in names)):
+        missing.append("tokenizer files (tokenizer.json, tokenizer_config.json or tokenizer.model; or pass "
+                       "--tokenizer_name_or_path)")
+    if missing:
+        has = ", ".join(sorted(names)[:6]) + (" ..." if len(names) > 6 else "") if names else "nothing"
+        raise UserError(f"{flag} {path} is not a complete model folder: no {' and no '.join(missing)} (it holds {has})")
+
+
+def check_model_files(model_args) -> None:
+    """Before any rank loads anything: the model and tokenizer folders of a training run are complete."""
+    m = model_args
+    if m.model_name_or_path:
+        check_model_path(m.model_name_or_path, "--model_name_or_path", weights=True,
+                         tokenizer=not m.tokenizer_name_or_path, cache_dir=m.cache_dir)
+    if m.tokenizer_name_or_path:
+        check_model_path(m.tokenizer_name_or_path, "--tokenizer_name_or_path", weights=False, tokenizer=True,
+                         cache_dir=m.cache_dir)
+
+
+def check_inference_model(args) -> None:
+    """chat / serve / web_demo / evaluate: the --model_name_or_path, --adapter_name_or_path and
+    --tokenizer_name_or_path they were given, before anything is loaded."""
+    model, adapter, tok = args.model_name_or_path, args.adapter_name_or_path, args.tokenizer_name_or_path
+    if adapter:
+        check_model_path(adapter, "--adapter_name_or_path")
+    if model:
+        is_adapter = os.path.isfile(os.path.join(os.path.expanduser(model), "adapter_config.json"))
+        adapter_tok = bool(adapter) and any(os.path.isfile(os.path.join(adapter, n)) for n in TOKENIZER_FILES)
+        check_model_path(model, "--model_name_or_path", tokenizer=not (tok or is_adapter or adapter_tok))
+    if tok:
+        check_model_path(tok, "--tokenizer_name_or_path", weights=False, tokenizer=True)
 
 
 def resolve_dtype(model_args, train_args) -> torch.dtype:
@@ -54,7 +135,7 @@ def resolve_attn_implementation(model_args) -> str:
     have_fa = importlib.util.find_spec("flash_attn") is not None
     if model_args.flash_attn or model_args.attn_implementation == "flash_attention_2":
         if not (have_fa and dist.on_cuda()):
-            raise SystemExit("error: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            raise UserError("flash_attention_2 needs a CUDA GPU and the flash-attn package "
                              "(pip install medgpt-ds[gpu]); use --attn_implementation sdpa")
         return "flash_attention_2"
     if model_args.attn_implementation == "auto":
@@ -75,10 +156,10 @@ def build_config(model_args, tokenizer) -> PretrainedConfig:
             kw = json.load(f)
         model_type = kw.pop("model_type", None)
         if model_type is None:
-            raise SystemExit(f"error: --model_config {path} has no model_type")
+            raise UserError(f"--model_config {path} has no model_type")
         config = AutoConfig.for_model(model_type, **kw)
     else:
-        raise SystemExit(f"error: --model_config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
+        raise UserError(f"--model_config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
     config.vocab_size = len(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
@@ -95,6 +176,7 @@ def zero3_init(ds_config: dict):
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         yield
         return
+    # here, not at the top: HfDeepSpeedConfig imports DeepSpeed and checks accelerate (ZeRO-3 only)
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -124,7 +206,7 @@ def _load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, m
     quant = None
     if model_args.load_in_4bit or model_args.load_in_8bit:
         if ds_config.get("zero_optimization", {}).get("stage") == 3:
-            raise SystemExit("error: QLoRA / 4-bit / 8-bit loading is not supported with ZeRO-3 (quantized weights "
+            raise UserError("QLoRA / 4-bit / 8-bit loading is not supported with ZeRO-3 (quantized weights "
                              "cannot be partitioned); use ds_configs/zero2.json or zero2_offload.json")
         from transformers import BitsAndBytesConfig
 
@@ -202,7 +284,7 @@ def lora_target_modules(model, spec: str) -> list[str]:
             if leaf not in heads:
                 names.add(leaf)
     if not names:
-        raise SystemExit("error: --target_modules all found no linear layers in this model")
+        raise UserError("--target_modules all found no linear layers in this model")
     return sorted(names)
 
 
@@ -213,10 +295,20 @@ def apply_lora(model, lora_args, task_type: str = "CAUSAL_LM"):
         dist.print0(f"continuing LoRA adapter from {lora_args.peft_path}")
         return PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
     modules_to_save = [s.strip() for s in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save else None
+    targets = lora_target_modules(model, lora_args.target_modules)
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        # peft fails only when none matches and silently skips the others: name both cases
+        linear = ", ".join(lora_target_modules(model, "all"))
+        msg = (f"--target_modules {lora_args.target_modules}: {', '.join(missing)} not found in "
+               f"{type(model).__name__}; its linear layers are {linear} (or pass --target_modules all)")
+        if len(missing) == len(targets):
+            raise UserError(msg)
+        dist.print0(f"warning: {msg}; LoRA goes on the others")
     config = LoraConfig(
         task_type=task_type, r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout, target_modules=lora_target_modules(model, lora_args.target_modules),
-        modules_to_save=modules_to_save)
+        lora_dropout=lora_args.lora_dropout, target_modules=targets, modules_to_save=modules_to_save)
     model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())

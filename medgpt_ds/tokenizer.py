@@ -11,6 +11,8 @@ from typing import Any, Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from medgpt_ds.errors import PathNotFound, UserError
+
 # ChatML markers double as the special tokens of the default template (qwen/chatml).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
@@ -44,7 +46,7 @@ def train_bpe_tokenizer(
     if files:
         missing = [p for p in files if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"tokenizer corpus file not found: {missing[0]}")
+            raise PathNotFound(f"tokenizer corpus file not found: {missing[0]}")
         corpus.append(_iter_text_files(files))
     if texts is not None:
         corpus.append(texts)
@@ -102,7 +104,7 @@ def _train_sp_model(sentences: Iterable[str], vocab_size: int, model_type: str, 
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     sentences = list(sentences)
     if not sentences:
-        raise ValueError("the tokenizer corpus is empty")
+        raise UserError("the tokenizer corpus is empty")
     buf = io.BytesIO()
     ids = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3} if with_specials else \
         {"unk_id": 0, "bos_id": -1, "eos_id": -1, "pad_id": -1}
@@ -117,7 +119,7 @@ def _train_sp_model(sentences: Iterable[str], vocab_size: int, model_type: str, 
             allow_whitespace_only_pieces=True, num_threads=os.cpu_count() or 1, minloglevel=2,
             hard_vocab_limit=False, **ids)
     except RuntimeError as e:  # SentencePiece's messages carry the reason after its source location
-        raise ValueError(f"SentencePiece training failed: {str(e).split('] ')[-1]}") from None
+        raise UserError(f"SentencePiece training failed: {str(e).split('] ')[-1]}") from None
     return buf.getvalue()
 
 
@@ -196,7 +198,7 @@ def train_sentencepiece_tokenizer(
     if files:
         missing = [p for p in files if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"tokenizer corpus file not found: {missing[0]}")
+            raise PathNotFound(f"tokenizer corpus file not found: {missing[0]}")
 
     def all_text() -> Iterator[str]:
         if files:
@@ -264,7 +266,7 @@ def extend_tokenizer(
             raise ValueError("extend_tokenizer needs domain_files/domain_texts or sp_model")
         missing = [p for p in (domain_files or []) if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"domain corpus file not found: {missing[0]}")
+            raise PathNotFound(f"domain corpus file not found: {missing[0]}")
         corpus = list(_iter_text_files(domain_files or [])) + [t for t in (domain_texts or []) if t.strip()]
         sample = corpus[:2000]
         domain_bytes = _train_sp_model(corpus, vocab_size, model_type, character_coverage=0.9995,

@@ -8,6 +8,7 @@ import pytest
 
 from medgpt_ds.config import parse_args
 from medgpt_ds.engine import DSConfigError, load_ds_config, resolve_ds_config
+from medgpt_ds.errors import UserError
 
 pytestmark = pytest.mark.unit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ def test_yaml_recipe_with_cli_override(tmp_path):
 
 
 def test_unknown_flag_is_an_error_naming_it(tmp_path):
-    with pytest.raises(SystemExit, match=r"unknown flag --learning_rat \(did you mean --learning_rate\?\)"):
+    with pytest.raises(UserError, match=r"unknown flag --learning_rat \(did you mean --learning_rate\?\)"):
         parse_args(base_args(tmp_path, "--learning_rat", "1"))
 
 
@@ -54,15 +55,15 @@ def test_ignored_medicalgpt_flag_warns(tmp_path, capsys):
 
 
 def test_bad_values_are_errors(tmp_path):
-    with pytest.raises(SystemExit, match="--stage must be one of"):
+    with pytest.raises(UserError, match="--stage must be one of"):
         parse_args(base_args(tmp_path, "--stage", "xyz"))
-    with pytest.raises(SystemExit, match="exclusive"):
+    with pytest.raises(UserError, match="exclusive"):
         parse_args(base_args(tmp_path, "--bf16", "--fp16"))
-    with pytest.raises(SystemExit, match="no such directory"):
+    with pytest.raises(UserError, match="no such directory"):
         parse_args(["--stage", "sft", "--model_name_or_path", "/nonexistent/model", "--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--deepspeed .*no such file"):
+    with pytest.raises(UserError, match="--deepspeed .*no such file"):
         parse_args(base_args(tmp_path, "--deepspeed", "/nope.json"))
-    with pytest.raises(SystemExit, match="add --use_peft"):
+    with pytest.raises(UserError, match="add --use_peft"):
         parse_args(base_args(tmp_path, "--qlora", "True"))
 
 

@@ -235,9 +235,9 @@ def test_a_new_backend_is_one_file_and_one_line_through_grpo(tmp_path, demo_toke
     # tests/fake_rollout.py is the one file; the BACKENDS line is added in the launched process
     assets = make_rl_assets(str(tmp_path / "assets"), demo_tokenizer_dir, tiny_llama)
     out, log = tmp_path / "echo", tmp_path / "calls.jsonl"
-    register = ("import sys; from medgpt_ds import generation; "
+    register = ("import runpy; from medgpt_ds import generation; "
                 "generation.BACKENDS['echo'] = 'tests.fake_rollout:EchoBackend'; "
-                "from medgpt_ds.cli import main; sys.exit(main(sys.argv[1:]))")
+                "runpy.run_path('launch/train.py', run_name='__main__')")
     cmd = [PY, "-c", register, "--stage", "grpo", "--model_name_or_path", assets["actor"], "--template_name", "chatml",
            "--train_file_dir", "data/demo/grpo", "--rollout_backend", "echo", "--reward_funcs",
            "tests.helpers:starts_with_space", "--num_generations", "4", "--per_device_train_batch_size", "8",

@@ -123,5 +123,7 @@ def test_grpo_flags(assets):
                        ({"num_iterations": 0}, "num_iterations"), ({"beta": -1.0}, "beta")):
         with pytest.raises(ValueError, match=match):
             Arguments(**bad)
-    with pytest.raises(SystemExit, match="num_generations"):
+    from medgpt_ds.errors import UserError
+
+    with pytest.raises(UserError, match="num_generations"):
         parse_args(["--stage", "grpo", "--output_dir", "x", "--num_generations", "1"], {"grpo": Arguments})

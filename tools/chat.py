@@ -24,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.errors import UserError, main_boundary
 from medgpt_ds.inference import (
     add_generation_args,
     add_model_args,
@@ -34,6 +35,7 @@ from medgpt_ds.inference import (
     record_to_messages,
     shard_map,
 )
+from medgpt_ds.model import check_inference_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,11 +105,13 @@ def batch(chat, cfg, args) -> None:
         print(f"wrote {len(done)} answers to {args.output_file}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> None:
+@main_boundary
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_inference_model(args)
     _, world = init_ranks()
     if args.input_file is None and world > 1:
-        raise SystemExit("interactive chat and --prompt run on one rank; launch several ranks only with --input_file")
+        raise UserError("interactive chat and --prompt run on one rank; launch several ranks only with --input_file")
     chat = load_from_args(args)
     cfg = generation_config(args)
     if args.input_file:
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         answer(chat, cfg, [*history, {"role": "user", "content": args.prompt}])
     else:
         interactive(chat, cfg, args.system_prompt)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,6 +32,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.errors import UserError, main_boundary  # noqa: E402
+
 SFT_TARGETS = ("sharegpt", "messages", "alpaca")
 PREF_TARGETS = ("medicalgpt", "trl", "trl_text")
 _FROM = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -67,7 +69,7 @@ def _no_tools(rec: dict, messages: list[dict], to: str, index: int) -> None:
 
     replies = [r for r in (rec.get("chosen"), rec.get("rejected")) if isinstance(r, dict)]
     if has_tool_content(messages + replies, rec.get("tools")):
-        raise ValueError(f"record {index}: tool calls have no {to} form (use --to sharegpt/messages for sft, "
+        raise UserError(f"record {index}: tool calls have no {to} form (use --to sharegpt/messages for sft, "
                          "medicalgpt/trl for preference pairs)")
 
 
@@ -113,10 +115,10 @@ def convert_record(rec: dict, to: str, index: int = 0) -> dict:
     if to == "trl_text":
         _no_tools(rec, rec["prompt"], to, index)
         if len(rec["prompt"]) != 1:
-            raise ValueError(f"record {index}: a {len(rec['prompt'])}-turn prompt has no plain-string TRL form "
+            raise UserError(f"record {index}: a {len(rec['prompt'])}-turn prompt has no plain-string TRL form "
                              "(use --to trl, the conversational form)")
         return {"prompt": rec["prompt"][0]["content"], "chosen": rec["chosen"], "rejected": rec["rejected"]}
-    raise ValueError(f"unknown target format {to!r}")
+    raise UserError(f"unknown target format {to!r}")
 
 
 def write_records(records: list[dict], path: str) -> None:
@@ -130,27 +132,23 @@ def write_records(records: list[dict], path: str) -> None:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="files or folders in any accepted format")
     ap.add_argument("--output", required=True, help="output .jsonl or .json file")
     ap.add_argument("--to", required=True, choices=SFT_TARGETS + PREF_TARGETS)
     args = ap.parse_args(argv)
-    from medgpt_ds.data.formats import RECORD_EXTS, DataError, find_files, load_records
+    from medgpt_ds.data.formats import RECORD_EXTS, find_files, load_records
 
     if not args.output.endswith((".jsonl", ".json")):
-        print("error: --output must end in .jsonl or .json", file=sys.stderr)
-        return 2
+        raise UserError("--output must end in .jsonl or .json")
     kind = "sft" if args.to in SFT_TARGETS else "preference"
-    try:
-        files = [f for p in args.input for f in find_files(p, RECORD_EXTS, log=lambda m: print(m, file=sys.stderr))]
-        if os.path.abspath(args.output) in {os.path.abspath(f) for f in files}:
-            raise ValueError("--output must not be one of the input files")
-        records = load_records(files, kind, log=lambda m: print(m, file=sys.stderr))
-        out = [convert_record(r, args.to, i) for i, r in enumerate(records, 1)]
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    files = [f for p in args.input for f in find_files(p, RECORD_EXTS, log=lambda m: print(m, file=sys.stderr))]
+    if os.path.abspath(args.output) in {os.path.abspath(f) for f in files}:
+        raise UserError("--output must not be one of the input files")
+    records = load_records(files, kind, log=lambda m: print(m, file=sys.stderr))
+    out = [convert_record(r, args.to, i) for i, r in enumerate(records, 1)]
     write_records(out, args.output)
     print(f"wrote {len(out)} {kind} records as {args.to} to {args.output}")
     return 0

@@ -26,6 +26,7 @@ from transformers import AutoModelForSequenceClassification
 from medgpt_ds import dist
 from medgpt_ds.data.formats import find_files, load_records
 from medgpt_ds.data.templates import get_chat_template
+from medgpt_ds.errors import main_boundary
 from medgpt_ds.evaluation import (
     MC_INSTRUCTION,
     generation_samples,
@@ -45,6 +46,7 @@ from medgpt_ds.inference import (
     pick_dtype,
     read_jsonl,
 )
+from medgpt_ds.model import check_inference_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,12 +99,15 @@ def load_reward_model(path: str, dtype: str, device: str, trust_remote_code: boo
     return model.to(dev).eval(), tok, get_chat_template(None, tok)
 
 
+@main_boundary
 def main(argv: list[str] | None = None) -> dict | None:
+    """Run the evaluation; the report on rank 0 (None elsewhere), 2 after a user error's one line."""
     args = parse_args(argv)
     _, world = init_ranks()
     report: dict = {"world_size": world, "settings": {"max_length": args.max_length, "batch_size": args.batch_size,
                                                        "mc_instruction": args.mc_instruction}}
     if args.ppl_files or args.mc_files or args.prompt_files:
+        check_inference_model(args)
         chat = load_from_args(args)
         report["model"] = args.adapter_name_or_path or args.model_name_or_path
         report["perplexity"] = []
@@ -152,4 +157,5 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

@@ -20,7 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.errors import PathNotFound, main_boundary  # noqa: E402
 
+
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base_tokenizer", required=True, help="folder of the base model's tokenizer")
@@ -37,25 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_docs", type=int, default=None)
     args = ap.parse_args(argv)
 
-    from medgpt_ds.data.formats import DataError
     from medgpt_ds.tokenizer import extend_tokenizer
 
-    try:
-        if not os.path.isdir(args.base_tokenizer):
-            raise FileNotFoundError(f"base tokenizer folder not found: {args.base_tokenizer}")
-        docs = None
-        if args.domain_corpus:
-            from train_tokenizer import read_corpus
+    if not os.path.isdir(args.base_tokenizer):
+        raise PathNotFound(f"base tokenizer folder not found: {args.base_tokenizer}")
+    docs = None
+    if args.domain_corpus:
+        from train_tokenizer import read_corpus
 
-            docs = read_corpus(args.domain_corpus, args.max_docs)
-        _, report = extend_tokenizer(args.base_tokenizer, args.output_dir, domain_texts=docs,
-                                     sp_model=args.domain_sp_model, vocab_size=args.vocab_size,
-                                     model_type=args.model_type, min_piece_length=args.min_piece_length,
-                                     max_new_tokens=args.max_new_tokens, ascii_pieces=args.ascii_pieces,
-                                     log=lambda m: print(m, file=sys.stderr))
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        docs = read_corpus(args.domain_corpus, args.max_docs)
+    _, report = extend_tokenizer(args.base_tokenizer, args.output_dir, domain_texts=docs,
+                                 sp_model=args.domain_sp_model, vocab_size=args.vocab_size,
+                                 model_type=args.model_type, min_piece_length=args.min_piece_length,
+                                 max_new_tokens=args.max_new_tokens, ascii_pieces=args.ascii_pieces,
+                                 log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(report, ensure_ascii=False))
     return 0
 

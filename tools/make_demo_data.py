@@ -14,6 +14,11 @@ import argparse
 import json
 import os
 import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from medgpt_ds.errors import main_boundary  # noqa: E402
 
 # condition: (symptoms, cause, first-line care, warning sign, specialist)
 FACTS = {
@@ -132,12 +137,13 @@ def write_jsonl(path: str, recs: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def main() -> None:
+@main_boundary
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output_dir", default="data/demo")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num_pretrain_docs", type=int, default=1200)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     for sub in ("pretrain", "sft", "reward", "grpo"):
         os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
@@ -149,7 +155,8 @@ def main() -> None:
     write_jsonl(os.path.join(args.output_dir, "reward", "train.jsonl"), reward_records(rng))
     write_jsonl(os.path.join(args.output_dir, "grpo", "train.jsonl"), grpo_records(rng))
     print(f"wrote demo data to {args.output_dir}: {len(docs)} documents, {len(sft)} conversations")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

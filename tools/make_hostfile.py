@@ -17,6 +17,10 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from medgpt_ds.errors import UserError, main_boundary  # noqa: E402
+
 
 def _split_top_level(text: str) -> list[str]:
     """Split on commas that are not inside [...]: "a[1-2],b" -> ["a[1-2]", "b"]."""
@@ -100,6 +104,7 @@ def make_hostfile(hosts: list[str], slots: int) -> str:
     return "".join(f"{h} slots={slots}\n" for h in hosts)
 
 
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodelist", default=None,
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = make_hostfile(expand_nodelist(nodelist), slots)
     except ValueError as e:
-        p.error(str(e))
+        raise UserError(f"--nodelist {nodelist!r} / --slots {slots}: {e}") from None
     if args.output == "-":
         sys.stdout.write(text)
     else:

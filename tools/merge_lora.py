@@ -20,7 +20,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.errors import main_boundary  # noqa: E402
 
+
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base_model", required=True, help="base model folder (safetensors)")
@@ -33,18 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", action="store_true",
                     help="compare the merged model's logits with PeftModel(base, adapter) on a few prompts")
     args = ap.parse_args(argv)
-    from medgpt_ds.convert import CheckpointError, canonical_dtype, merge_lora_folders
+    from medgpt_ds.convert import canonical_dtype, merge_lora_folders
 
     t0 = time.time()
-    try:
-        if args.dtype is not None:
-            canonical_dtype(args.dtype)
-        result = merge_lora_folders(args.base_model, args.adapter, args.output_dir, dtype=args.dtype,
-                                    max_shard_size=args.max_shard_size, model_kind=args.model_kind,
-                                    verify=args.verify)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.dtype is not None:
+        canonical_dtype(args.dtype)
+    result = merge_lora_folders(args.base_model, args.adapter, args.output_dir, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size, model_kind=args.model_kind, verify=args.verify)
     print(f"wrote merged model ({result.num_params / 1e6:.2f}M params, {result.dtype}, {len(result.files)} "
           f"file(s)) to {result.output_dir} in {time.time() - t0:.1f}s")
     return 0

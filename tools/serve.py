@@ -7,8 +7,9 @@
     client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "..."}], stream=True)
 
 Endpoints: POST /v1/chat/completions (streaming SSE or not), GET /v1/models, GET /health (no key).
-Binds 127.0.0.1 unless --host says otherwise. With --api_key (or MEDGPT_API_KEY) every /v1 request
-needs `Authorization: Bearer <key>`. Bad requests get a 4xx with an OpenAI-style JSON error:
+Binds 127.0.0.1 unless --host says otherwise; another address needs an API key (or
+--allow_public_without_key). With --api_key (or MEDGPT_API_KEY) every /v1 request needs
+`Authorization: Bearer <key>`. Bad requests get a 4xx with an OpenAI-style JSON error:
 malformed JSON, a body over --max_body_bytes, unknown model, empty or malformed messages,
 max_tokens over --max_tokens_cap, prompt + max_tokens over the context length.
 One generation runs at a time; for throughput on merged models use tools/vllm_serve.sh.
@@ -26,12 +27,14 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.errors import UserError, main_boundary
 from medgpt_ds.inference import (
     ChatModel,
     GenerationConfig,
     add_model_args,
     load_from_args,
 )
+from medgpt_ds.model import check_inference_model
 
 API_KEY_ENV = "MEDGPT_API_KEY"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -235,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--served_model_name", help="the 'model' clients send (default: the model dir's name)")
     g.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
                    help=f"require this bearer key (default: ${API_KEY_ENV}; prefer the env var, argv is visible in ps)")
+    g.add_argument("--allow_public_without_key", action="store_true",
+                   help="serve a non-loopback --host without an API key (anyone who reaches the port can use it)")
     g.add_argument("--max_tokens_cap", type=int, default=2048, help="largest max_tokens a request may ask for")
     g.add_argument("--default_max_tokens", type=int, default=512, help="max_tokens when a request gives none")
     g.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body (413 above)")
@@ -245,19 +250,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+@main_boundary
+def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = parse_args(argv)
     if not _is_loopback(args.host) and not args.api_key:
-        print(f"WARNING: serving on {args.host} without an API key: anyone who can reach this port can use "
-              f"the model. Set {API_KEY_ENV}.", file=sys.stderr)
+        if not args.allow_public_without_key:
+            raise UserError(f"--host {args.host} is reachable from other machines and no API key is set: anyone who "
+                            f"can reach port {args.port} could use the model. Set {API_KEY_ENV} (clients send it as "
+                            "a bearer key), or pass --allow_public_without_key")
+        print(f"WARNING: serving on {args.host} without an API key (--allow_public_without_key): anyone who can "
+              "reach this port can use the model.", file=sys.stderr)
+    check_inference_model(args)
     chat = load_from_args(args)
     name = args.served_model_name or chat.name
     app = create_app(chat, name, args.api_key, args.max_tokens_cap, args.default_max_tokens, args.max_body_bytes)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (context {chat.max_length} tokens)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

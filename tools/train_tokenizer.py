@@ -18,6 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.errors import main_boundary  # noqa: E402
+
 
 def read_corpus(paths: list[str], max_docs: int | None = None) -> list[str]:
     """Documents from files/folders in any pt format, via the trainer's own reader."""
@@ -38,6 +40,7 @@ def corpus_stats(tok, docs: list[str], n: int = 1000) -> dict:
         "unk_tokens": sum(i.count(unk) for i in ids) if unk is not None else 0}
 
 
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", nargs="+", required=True, help="files or folders")
@@ -51,27 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_docs", type=int, default=None)
     args = ap.parse_args(argv)
 
-    from medgpt_ds.data.formats import DataError
     from medgpt_ds.tokenizer import train_bpe_tokenizer, train_sentencepiece_tokenizer
 
-    try:
-        docs = read_corpus(args.corpus, args.max_docs)
-        template = None
-        if args.template_name and args.template_name != "none":
-            from medgpt_ds.data.templates import get_chat_template
+    docs = read_corpus(args.corpus, args.max_docs)
+    template = None
+    if args.template_name and args.template_name != "none":
+        from medgpt_ds.data.templates import get_chat_template
 
-            template = get_chat_template(args.template_name, None)
-        if args.type == "bpe":
-            tok = train_bpe_tokenizer(texts=docs, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                                      output_dir=args.output_dir, chat_template=template,
-                                      model_max_length=args.model_max_length)
-        else:
-            tok = train_sentencepiece_tokenizer(
-                texts=docs, vocab_size=args.vocab_size, model_type="bpe" if args.type == "sentencepiece" else "unigram",
-                output_dir=args.output_dir, chat_template=template, model_max_length=args.model_max_length)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        template = get_chat_template(args.template_name, None)
+    if args.type == "bpe":
+        tok = train_bpe_tokenizer(texts=docs, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                                  output_dir=args.output_dir, chat_template=template,
+                                  model_max_length=args.model_max_length)
+    else:
+        tok = train_sentencepiece_tokenizer(
+            texts=docs, vocab_size=args.vocab_size, model_type="bpe" if args.type == "sentencepiece" else "unigram",
+            output_dir=args.output_dir, chat_template=template, model_max_length=args.model_max_length)
     stats = corpus_stats(tok, docs)
     stats.update(type=args.type, documents=len(docs), output_dir=args.output_dir)
     print(json.dumps(stats, ensure_ascii=False))

@@ -26,6 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medgpt_ds.config import STAGE_DATA as STAGE_KINDS  # noqa: E402 - stage -> the kind of data it reads
 from medgpt_ds.data import formats  # noqa: E402
+from medgpt_ds.errors import UserError, main_boundary  # noqa: E402
+from medgpt_ds.model import check_model_path  # noqa: E402
+
 # One converter per kind: the trainer's own (formats.load_records stops at the first error; here
 # each record is converted on its own so every error is reported).
 CONVERTERS = {"pt": formats._to_pt, "sft": formats._to_sft, "preference": formats._to_preference,
@@ -197,6 +200,7 @@ def print_report(report: dict, max_errors: int, out=None) -> None:
     print("OK" if not errors else "FAILED", file=out)
 
 
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", help="files or folders (or pass them with --data)")
@@ -223,14 +227,14 @@ def main(argv: list[str] | None = None) -> int:
 
         from medgpt_ds.data.templates import get_chat_template, resolve_tool_format
 
+        check_model_path(args.tokenizer, "--tokenizer", weights=False, tokenizer=True)
         try:
             tok = AutoTokenizer.from_pretrained(args.tokenizer)
-            if kind != "pt":
-                template = get_chat_template(args.template_name, tok)
-                tool_format = resolve_tool_format(tok, template, args.template_name, args.tool_format)
         except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise UserError(f"--tokenizer {args.tokenizer}: {str(e).splitlines()[0]}") from None
+        if kind != "pt":
+            template = get_chat_template(args.template_name, tok)
+            tool_format = resolve_tool_format(tok, template, args.template_name, args.tool_format)
     report = validate(paths, kind, tokenizer=tok, template=template, max_length=args.max_length,
                       tool_format=tool_format)
     if args.json:

@@ -3,8 +3,9 @@
     python tools/web_demo.py --model_name_or_path outputs/sft            # http://127.0.0.1:7860
     python tools/web_demo.py --model_name_or_path base --adapter_name_or_path outputs/sft_lora
 
-Binds 127.0.0.1 unless --host says otherwise; never opens a public share link. Add --auth user:password
-(or MEDGPT_WEB_AUTH=user:password) before exposing it beyond this machine.
+Binds 127.0.0.1 unless --host says otherwise; never opens a public share link. Before exposing it beyond
+this machine require a login: MEDGPT_WEB_AUTH=user:password, or --auth_file FILE holding user:password
+(never on the command line, where every user of the machine sees it in `ps`).
 """
 import argparse
 import os
@@ -13,7 +14,11 @@ import sys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage pings from a medical demo
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.errors import UserError, main_boundary
 from medgpt_ds.inference import ChatModel, GenerationConfig, add_generation_args, add_model_args, generation_config
+from medgpt_ds.model import check_inference_model
+
+AUTH_ENV = "MEDGPT_WEB_AUTH"
 
 
 def _text(content) -> str:
@@ -65,31 +70,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("web")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     g.add_argument("--port", type=int, default=7860)
-    g.add_argument("--auth", default=os.environ.get("MEDGPT_WEB_AUTH"),
-                   help="user:password required to open the page (default: $MEDGPT_WEB_AUTH)")
+    g.add_argument("--auth_file", default=None,
+                   help=f"file holding user:password, required to open the page (or set ${AUTH_ENV})")
+    g.add_argument("--auth", default=None, help=argparse.SUPPRESS)  # refused: argv is visible in ps
     g.add_argument("--title", default=None)
     args = p.parse_args(argv)
     if args.model_name_or_path is None and args.adapter_name_or_path is None:
         p.error("pass --model_name_or_path")
-    if args.auth and ":" not in args.auth:
-        p.error("--auth must be user:password")
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def read_auth(args) -> tuple[str, str] | None:
+    """(user, password) from --auth_file or $MEDGPT_WEB_AUTH; None when neither is set."""
+    if args.auth is not None:
+        raise UserError(f"--auth puts the password on the command line, where every user of this machine sees it "
+                        f"(ps, shell history): set {AUTH_ENV}=user:password or pass --auth_file FILE")
+    if args.auth_file:
+        try:
+            with open(args.auth_file, encoding="utf-8") as f:
+                text, where = f.read().strip(), f"--auth_file {args.auth_file}"
+        except OSError as e:
+            raise UserError(f"--auth_file {args.auth_file}: {e.strerror}") from None
+    else:
+        text, where = os.environ.get(AUTH_ENV, "").strip(), AUTH_ENV
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not (sep and user and password):
+        raise UserError(f"{where} must hold user:password")
+    return user, password
+
+
+@main_boundary
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    auth = read_auth(args)
+    check_inference_model(args)
     import gradio as gr
 
     from medgpt_ds.inference import load_from_args
 
-    args = parse_args(argv)
     chat = load_from_args(args)
     demo = build_demo(chat, generation_config(args), args.system_prompt, args.title)
     # system fonts: the default theme links web fonts, which a closed network cannot fetch
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, share=False, ssr_mode=False, theme=theme,
-        auth=tuple(args.auth.split(":", 1)) if args.auth else None, footer_links=[])
+        auth=auth, footer_links=[])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,6 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.errors import main_boundary  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,24 +37,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="override the kind recorded in the checkpoint (needed without hf_meta/ for reward models)")
     ap.add_argument("--verify", action="store_true",
                     help="load the export with transformers and compare logits with the checkpoint's weights")
+    ap.add_argument("--trust_checkpoint", action="store_true",
+                    help="unpickle the checkpoint files without the allow-list of DeepSpeed classes (only for "
+                         "checkpoints whose origin you trust: a hostile pickle runs code when loaded)")
     return ap.parse_args(argv)
 
 
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from medgpt_ds.convert import CheckpointError, canonical_dtype, export_checkpoint
+    from medgpt_ds.convert import canonical_dtype, export_checkpoint
 
     t0 = time.time()
-    try:
-        if args.dtype is not None:
-            canonical_dtype(args.dtype)  # fail before touching the checkpoint
-        result = export_checkpoint(args.checkpoint_dir, args.output_dir, base_model=args.base_model,
-                                   merge_lora=args.merge_lora, dtype=args.dtype,
-                                   max_shard_size=args.max_shard_size, model_kind=args.model_kind,
-                                   verify=args.verify)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.dtype is not None:
+        canonical_dtype(args.dtype)  # fail before touching the checkpoint
+    result = export_checkpoint(args.checkpoint_dir, args.output_dir, base_model=args.base_model,
+                               merge_lora=args.merge_lora, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                               model_kind=args.model_kind, verify=args.verify,
+                               trust_checkpoint=args.trust_checkpoint)
     print(f"wrote {result.kind} model ({result.num_params / 1e6:.2f}M params, {result.num_tensors} tensors, "
           f"{result.dtype}, {len(result.files)} file(s)) to {result.output_dir} in {time.time() - t0:.1f}s")
     return 0

@@ -18,20 +18,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.errors import main_boundary  # noqa: E402
 
+
+@main_boundary
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint_dir", required=True, help="tag dir (output_dir/checkpoint-N) or output_dir (uses `latest`)")
     ap.add_argument("--output_dir", default=None, help="default: <output_dir>/<tag>-universal")
     ap.add_argument("--workers", type=int, default=1, help="parallel extract/merge processes")
+    ap.add_argument("--trust_checkpoint", action="store_true",
+                    help="unpickle the checkpoint files without the allow-list of DeepSpeed classes (only for "
+                         "checkpoints whose origin you trust)")
     args = ap.parse_args(argv)
-    from medgpt_ds.convert import CheckpointError, to_universal
+    from medgpt_ds.convert import to_universal
 
-    try:
-        to_universal(args.checkpoint_dir, args.output_dir, workers=args.workers)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    to_universal(args.checkpoint_dir, args.output_dir, workers=args.workers, trust_checkpoint=args.trust_checkpoint)
     return 0
 
 

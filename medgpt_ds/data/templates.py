@@ -153,7 +153,8 @@ def get_chat_template(name: str | None, tokenizer) -> str:
     <think> block of earlier turns, so a conversation does not render turn by turn and assistant
     tokens cannot be located) is replaced by TRL's training variant of it when TRL knows it
     (trl.chat_template_utils.get_training_chat_template: the same text for the last turn, earlier
-    turns keep an empty think block). Unknown names raise UserError with the list of known names.
+    turns keep an empty think block). Unknown names raise UserError (a ValueError) with the list
+    of known names.
     """
     names = ", ".join(TEMPLATES)
     if name in (None, "", "auto"):
@@ -413,10 +414,10 @@ def resolve_tool_format(tokenizer, chat_template: str, template_name: str | None
     if fmt == "auto":
         return "native" if own and supports_tools(tokenizer, chat_template) else "default"
     if fmt == "native" and not supports_tools(tokenizer, chat_template):
-        raise ValueError("--tool_format native: the chat template does not render tools, tool calls and tool results "
+        raise UserError("--tool_format native: the chat template does not render tools, tool calls and tool results "
                          f"itself; use one of MedicalGPT's formats ({', '.join(TOOL_FORMATS[1:])})")
     if fmt not in TOOL_FORMATS:
-        raise ValueError(f"--tool_format {tool_format!r}: expected auto or one of {', '.join(TOOL_FORMATS)}")
+        raise UserError(f"--tool_format {tool_format!r}: expected auto or one of {', '.join(TOOL_FORMATS)}")
     return fmt
 
 

@@ -32,8 +32,8 @@ from medgpt_ds import checkpoint, dist, engine as eng, loop
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.pairs import PairCollator, load_pairs, pair_logps
 from medgpt_ds.data.templates import get_chat_template
-from medgpt_ds.losses import DPO_LOSS_TYPES, dpo_loss
 from medgpt_ds.errors import UserError
+from medgpt_ds.losses import DPO_LOSS_TYPES, dpo_loss
 from medgpt_ds.model import count_parameters, load_model, load_tokenizer, resolve_dtype
 
 REFERENCES = ("auto", "model", "adapter", "precomputed")
