@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: setup demo test test-fast test-cluster lint bench clean rollout-env
+.PHONY: setup demo test test-fast test-cluster lint bench gpu-suite clean rollout-env
 
 # venv + torch (CPU wheel, pinned first so pip never pulls a CUDA build) + the package
 $(BIN)/.installed: setup.py requirements.txt
@@ -56,6 +56,10 @@ test-cluster: $(BIN)/.installed-test
 
 test-fast: $(BIN)/.installed-test
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "unit" -p no:cacheprovider
+
+# on a machine with one CUDA GPU (offline): GPU_SUITE_ARGS="--wheels DIR" to install from wheels
+gpu-suite:
+	bash bench/gpu_suite.sh $(GPU_SUITE_ARGS)
 
 lint: $(BIN)/.installed-test
 	$(BIN)/ruff check medgpt_ds launch tools tests bench

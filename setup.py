@@ -9,13 +9,17 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately not pinned to a CUDA build: install the torch you want first
     # (the Makefile installs torch==2.13.0 CPU), then this package.
+    # Floors are the versions CI tests (requirements.txt; tests/test_packaging.py keeps them equal):
+    # transformers 5 stores MoE experts as stacked weights and loads composite checkpoints
+    # differently from 4.x, peft's target_parameters and its transformers-5 conversions moved in
+    # every release; nothing older is tested, so nothing older is allowed.
     install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.16",
-        "transformers>=4.50",
-        "peft>=0.14",
-        "datasets>=3.0",
-        "trl>=1.0",
+        "torch>=2.13",
+        "deepspeed>=0.19.8",
+        "transformers>=5.23",
+        "peft>=0.21.2",
+        "datasets>=5.2",
+        "trl>=1.16",
         "sentencepiece",
         "tokenizers",
         "tensorboard",

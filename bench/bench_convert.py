@@ -214,16 +214,24 @@ def main() -> None:
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
 
-    print(f"\nZeRO-{args.stage} x {args.world_size} ranks, fp32 weights, max_shard_size {args.shard}; "
-          "MiB; 'imports' = fixed overhead of every process")
-    print("| size | params | fp32 weights | method | wall s | peak RSS | peak anon | RSS - imports |")
-    print("|---|---|---|---|---|---|---|---|")
+    table = [f"ZeRO-{args.stage} x {args.world_size} ranks, fp32 weights, max_shard_size {args.shard}; MiB; 'imports' = "
+             "fixed overhead of every process", "",
+             "| size | params | fp32 weights | method | wall s | peak RSS | peak anon | RSS - imports |",
+             "|---|---|---|---|---|---|---|---|"]
     base = {r["size"]: r["peak_rss"] for r in rows if r["method"] == "imports"}
     for r in rows:
         over = (r["peak_rss"] - base.get(r["size"], 0)) / 2**20
-        print(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['params'] * 4 / 2**20:.0f} | {r['method']} | "
-              f"{r['wall_s']:.1f} | {r['peak_rss'] / 2**20:.0f} | {r['peak_anon'] / 2**20:.0f} | {over:.0f} |")
+        table.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['params'] * 4 / 2**20:.0f} | {r['method']} | "
+                     f"{r['wall_s']:.1f} | {r['peak_rss'] / 2**20:.0f} | {r['peak_anon'] / 2**20:.0f} | {over:.0f} |")
+    print("\n" + "\n".join(table))
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from common import write_result
 
+    print("wrote", write_result("convert", {
+        "title": "ZeRO -> HF conversion memory", "kind": "table",
+        "command": "python bench/bench_convert.py " + " ".join(sys.argv[1:]),
+        "settings": {"stage": args.stage, "world_size": args.world_size, "shard": args.shard, "sizes": args.sizes},
+        "rows": rows, "table": table}))
 
 if __name__ == "__main__":
     main()

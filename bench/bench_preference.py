@@ -1,18 +1,22 @@
 #!/usr/bin/env python
-"""Benchmark (not a test): real tokens/s of the preference stages against sft on the same model,
-data and ZeRO stage — rm, dpo with a live reference engine, dpo with precomputed reference
-log-probs, orpo — and dpo against TRL's DPOTrainer (HF Trainer + the same DeepSpeed config, live
-and precomputed reference) on the same settings.
+"""dpo against TRL's DPOTrainer, fair and interleaved (not a test).
 
-    python bench/bench_preference.py [--nproc 2] [--zero zero2] [--steps 20] [--batch 4]
+    python bench/bench_preference.py                        # writes bench/results/dpo_peers.json
+    python bench/bench_preference.py --nproc 2 --zero zero3 --groups live-gc_off --rounds 3
 
-Data: MedicalGPT's reward sample (../shared/data/medicalgpt/reward/dpo_zh_500.jsonl) when present,
-else pairs generated here; only pairs whose prompt and answers fit max_source/target_length are
-kept, so no run truncates and every run sees the same tokens. sft trains on prompt + chosen.
-Real tokens = non-pad tokens forwarded (a pair counts prompt + chosen + prompt + rejected); the
-figure is the median over the steps after a warm-up of 5 of (real tokens of the step / its time),
-which shrugs off other load on a shared machine. Each configuration runs in its own process
-(`deepspeed --num_gpus N` when nproc > 1).
+Both sides train the same saved random-init Llama on the same pairs (MedicalGPT's
+reward/dpo_zh_500.jsonl, only pairs whose prompt and answers fit --max_source/target_length, so
+nothing is truncated), with the same DeepSpeed JSON (torch AdamW pinned), micro batch of pairs,
+precision (fp32 on CPU), gradient checkpointing (both off or both on), sdpa attention, sigmoid loss,
+beta 0.1, learning rate and constant schedule, and the same reference handling:
+
+  live         a frozen reference model forwarded every step (ours: --reference model)
+  precomputed  reference log-probs computed once before training (ours: --reference precomputed;
+               TRL: precompute_ref_log_probs); the precompute pass is not in the per-step figure
+
+Figure per run: median over the steps after --warmup of (real tokens of the step / its time), real
+tokens = non-pad tokens forwarded (prompt + chosen + prompt + rejected). Sides alternate A B A B;
+the result is the median per-round ratio ours / TRL with its spread.
 """
 from __future__ import annotations
 
@@ -20,29 +24,32 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL = os.path.join(os.path.dirname(ROOT), "shared", "data", "medicalgpt", "reward", "dpo_zh_500.jsonl")
-sys.path.insert(0, ROOT)
-WARMUP = 5
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (PAIRS_SAMPLE, ROOT, bench_ds_config, bench_env, interleave, launcher, median_after, run,  # noqa: E402
+                    tagged_json, write_result)
+
+GROUPS = {"live-gc_off": ("live", False), "live-gc_on": ("live", True), "precomputed-gc_off": ("precomputed", False),
+          "precomputed-gc_on": ("precomputed", True)}
 
 
-def make_workspace(wd: str, a) -> tuple[str, str, str, float]:
-    """Tokenizer + random-init Llama, the fitting pairs (MedicalGPT and TRL formats) and the sft file.
-    Returns (base dir, pairs jsonl, trl jsonl, mean real tokens per pair)."""
+def make_workspace(wd: str, a) -> dict:
+    """Tokenizer + random-init Llama (saved), the fitting pairs in our and TRL's formats."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from medgpt_ds.data.formats import load_records
     from medgpt_ds.data.templates import TEMPLATES, encode_preference
     from medgpt_ds.tokenizer import train_bpe_tokenizer
 
-    if os.path.exists(REAL) and not a.synthetic:
-        recs = load_records([REAL], "preference", log=lambda *x: None)
+    if os.path.exists(PAIRS_SAMPLE) and not a.synthetic:
+        recs = load_records([PAIRS_SAMPLE], "preference", log=lambda *x: None)
     else:
         rng = random.Random(0)
         words = "fever cough headache patient doctor infection virus treatment dose tablet blood pressure heart lung pain".split()
@@ -55,6 +62,7 @@ def make_workspace(wd: str, a) -> tuple[str, str, str, float]:
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4, num_hidden_layers=a.layers,
                       num_attention_heads=max(1, a.hidden // 64), num_key_value_heads=max(1, a.hidden // 128),
                       max_position_embeddings=4096, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(base)
     keep, tokens = [], 0
     for r in recs:
@@ -62,67 +70,52 @@ def make_workspace(wd: str, a) -> tuple[str, str, str, float]:
         if len(e["prompt_ids"]) <= a.max_source_length and max(len(e["chosen_ids"]), len(e["rejected_ids"])) <= a.max_target_length:
             keep.append(r)
             tokens += 2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
-    if len(keep) < a.batch * a.nproc * (a.steps + 1):
-        print(f"note: {len(keep)} fitting pairs; runs take more than one epoch", flush=True)
-    pairs, trl, sft = (os.path.join(wd, f) for f in ("pairs.jsonl", "trl.jsonl", "sft.jsonl"))
-    with open(pairs, "w") as f1, open(trl, "w") as f2, open(sft, "w") as f3:
+    pairs, trl = os.path.join(wd, "pairs.jsonl"), os.path.join(wd, "trl.jsonl")
+    with open(pairs, "w") as f1, open(trl, "w") as f2:
         for r in keep:
             f1.write(json.dumps(r, ensure_ascii=False) + "\n")
             f2.write(json.dumps({"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                  "rejected": [{"role": "assistant", "content": r["rejected"]}]}, ensure_ascii=False) + "\n")
-            f3.write(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]}, ensure_ascii=False) + "\n")
     print(f"data: {len(keep)} of {len(recs)} pairs fit {a.max_source_length}/{a.max_target_length} tokens; "
           f"{tokens / len(keep):.0f} real tokens per pair", flush=True)
-    return base, pairs, trl, tokens / len(keep)
+    return {"base": base, "pairs": pairs, "trl": trl, "n_pairs": len(keep), "tokens_per_pair": tokens / len(keep),
+            "deepspeed": bench_ds_config(os.path.join(wd, f"{a.zero}.json"), a.zero, cuda=torch.cuda.is_available())}
 
 
-def launcher(nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable]
-    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc)]
-
-
-def run(cmd: list[str], env: dict) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    if p.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p.stdout, time.perf_counter() - t0
-
-
-def run_ours(name: str, stage: str, extra: list[str], base: str, data: str, wd: str, a, env: dict) -> dict:
-    out = os.path.join(wd, name)
-    data_flags = (["--train_file_dir", data, "--packing", "False",
-                   "--model_max_length", str(a.max_source_length + a.max_target_length)] if stage == "sft" else
-                  ["--train_file_dir", data, "--max_source_length", str(a.max_source_length),
-                   "--max_target_length", str(a.max_target_length)])
+def run_ours(ws: dict, wd: str, a, reference: str, gc: bool, tag: str) -> dict:
+    out = os.path.join(wd, f"ours_{tag}")
+    shutil.rmtree(out, ignore_errors=True)  # logs/metrics.jsonl appends: a previous round's records would mix in
     cmd = launcher(a.nproc) + [
-        os.path.join(ROOT, "launch", "train.py"), "--stage", stage, "--model_name_or_path", base, "--template_name", "qwen",
-        *data_flags, "--per_device_train_batch_size", str(a.batch), "--max_steps", str(a.steps), "--logging_steps",
-        "1", "--save_steps", "0", "--report_to", "none", "--learning_rate", "1e-5", "--deepspeed",
-        os.path.join(ROOT, "ds_configs", f"{a.zero}.json"), "--output_dir", out, "--overwrite_output_dir", "--export_hf",
-        "False", *extra]
-    _, wall = run(cmd, env)
+        os.path.join(ROOT, "launch", "train.py"), "--stage", "dpo", "--model_name_or_path", ws["base"],
+        "--template_name", "qwen", "--train_file_dir", ws["pairs"], "--max_source_length", str(a.max_source_length),
+        "--max_target_length", str(a.max_target_length), "--reference", "model" if reference == "live" else "precomputed",
+        "--per_device_train_batch_size", str(a.batch), "--gradient_accumulation_steps", "1", "--max_steps", str(a.steps),
+        "--logging_steps", "1", "--save_steps", "0", "--report_to", "none", "--learning_rate", "1e-5",
+        "--lr_scheduler_type", "constant", "--gradient_checkpointing", str(gc), "--attn_implementation", "sdpa",
+        "--deepspeed", ws["deepspeed"], "--output_dir", out, "--overwrite_output_dir", "--export_hf", "False"]
+    r = run(cmd, bench_env(a.threads, **a.env), timeout=a.timeout)
     recs = [json.loads(line) for line in open(os.path.join(out, "logs", "metrics.jsonl"))]
-    recs = [r for r in recs if r["split"] == "train" and r["step"] > WARMUP]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in recs), "wall_s": wall}
+    recs = [x for x in recs if x["split"] == "train"]
+    return {"tokens_per_s": median_after([x["tokens_per_s"] for x in recs], a.warmup),
+            "peak_rss_mib": r["peak_rss_mib"], "wall_s": round(r["wall_s"], 1)}
 
 
-def run_trl(name: str, precompute: bool, base: str, data: str, wd: str, a, env: dict) -> dict:
-    out = os.path.join(wd, name)
-    cmd = launcher(a.nproc) + [os.path.abspath(__file__), "--_trl_peer", "--base", base, "--data", data, "--out", out,
-                               "--steps", str(a.steps), "--batch", str(a.batch), "--zero", a.zero,
-                               "--max_source_length", str(a.max_source_length), "--max_target_length", str(a.max_target_length)]
-    if precompute:
+def run_trl(ws: dict, wd: str, a, reference: str, gc: bool, tag: str) -> dict:
+    cmd = launcher(a.nproc) + [
+        os.path.abspath(__file__), "--_trl_peer", "--base", ws["base"], "--data", ws["trl"],
+        "--out", os.path.join(wd, f"trl_{tag}"), "--deepspeed", ws["deepspeed"], "--steps", str(a.steps),
+        "--warmup", str(a.warmup), "--batch", str(a.batch), "--gc", str(int(gc)),
+        "--max_source_length", str(a.max_source_length), "--max_target_length", str(a.max_target_length)]
+    if reference == "precomputed":
         cmd.append("--precompute")
-    stdout, wall = run(cmd, env)
-    res = json.loads(stdout.rsplit("TRL_RESULT", 1)[1].split("\n", 1)[0])
-    res["wall_s"] = wall
+    r = run(cmd, bench_env(a.threads, **a.env), timeout=a.timeout)
+    res = tagged_json(r["stdout"], "PEER_RESULT")
+    res.update(peak_rss_mib=r["peak_rss_mib"], wall_s=round(r["wall_s"], 1))
     return res
 
 
 def trl_peer(a) -> None:
-    """TRL's DPOTrainer on the same model, pairs, batch and DeepSpeed config; prints TRL_RESULT."""
+    """TRL's DPOTrainer on the same model, pairs, batch and DeepSpeed config; prints PEER_RESULT."""
     if "RANK" not in os.environ:  # plain `python` (1 rank): DeepSpeed would otherwise try MPI discovery
         from medgpt_ds.dist import _free_port
 
@@ -135,28 +128,31 @@ def trl_peer(a) -> None:
     ds = datasets.load_dataset("json", data_files=a.data, split="train")
     tok = AutoTokenizer.from_pretrained(a.base)
     model = AutoModelForCausalLM.from_pretrained(a.base, attn_implementation="sdpa")
-    cfg = DPOConfig(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=1e-5, beta=0.1,
+    cfg = DPOConfig(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+                    learning_rate=1e-5, lr_scheduler_type="constant", beta=0.1, loss_type=["sigmoid"],
                     max_length=a.max_source_length + a.max_target_length + 16, precompute_ref_log_probs=a.precompute,
-                    logging_steps=WARMUP, save_strategy="no", report_to="none", disable_tqdm=True, dataset_num_proc=1,
-                    bf16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),  # TRL defaults differ
-                    deepspeed=os.path.join(ROOT, "ds_configs", f"{a.zero}.json"))
-    per_step: list[int] = []
-    times: list[float] = []
+                    logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataset_num_proc=1,
+                    bf16=False, fp16=False, gradient_checkpointing=bool(a.gc),  # TRL defaults differ: set explicitly
+                    gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=not torch.cuda.is_available(),
+                    deepspeed=a.deepspeed)
+    per_batch: list[int] = []
+    ends: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            if not ends:
+                ends.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
+            ends.append(time.perf_counter())
 
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     collate = trainer.data_collator
 
     def counting(features):
         batch = collate(features)
-        per_step.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else
-                        int((batch["input_ids"] != tok.pad_token_id).sum()))
+        per_batch.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else
+                         int((batch["input_ids"] != tok.pad_token_id).sum()))
         return batch
 
     trainer.data_collator = counting
@@ -164,69 +160,92 @@ def trl_peer(a) -> None:
     from medgpt_ds.dist import unlink_cpu_shm_segment
 
     unlink_cpu_shm_segment()  # DeepSpeed (via the HF Trainer) leaves its CPU shm segments otherwise
-    # the last `steps` collated batches are the training ones (precomputing the reference comes first)
-    tokens = torch.tensor(per_step[-a.steps:], dtype=torch.float64)
+    dts = [t1 - t0 for t0, t1 in zip(ends, ends[1:])]
+    # the training batches are the last ones collated (precomputing the reference comes first);
+    # accelerate prefetches one batch ahead, so drop the extra one at the end
+    train_batches = per_batch[-(len(dts) + 1):-1] if len(per_batch) > len(dts) else per_batch[-len(dts):]
+    tokens = torch.tensor(train_batches, dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(tokens)  # real tokens of each step over all ranks
-    rates = [n / t for n, t in zip(tokens.tolist()[WARMUP:], times[WARMUP:])]
+    rates = [n / t for n, t in zip(tokens.tolist(), dts)]
     if int(os.environ.get("RANK", "0")) == 0:
-        print("TRL_RESULT " + json.dumps({"tokens_per_s": statistics.median(rates)}), flush=True)
+        print("PEER_RESULT " + json.dumps({"tokens_per_s": statistics.median(rates[a.warmup:] or rates)}), flush=True)
 
 
 def peer_args():
     p = argparse.ArgumentParser()
-    for k in ("--base", "--data", "--out", "--zero"):
+    for k in ("--base", "--data", "--out", "--deepspeed"):
         p.add_argument(k, required=True)
-    for k in ("--steps", "--batch", "--max_source_length", "--max_target_length", "--local_rank"):
+    for k in ("--steps", "--warmup", "--batch", "--gc", "--max_source_length", "--max_target_length", "--local_rank"):
         p.add_argument(k, type=int, default=0)
     p.add_argument("--_trl_peer", action="store_true")
     p.add_argument("--precompute", action="store_true")
     return p.parse_args()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     if "--_trl_peer" in sys.argv:  # this file launched again as the TRL peer
         return trl_peer(peer_args())
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--nproc", type=int, default=2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--groups", default="live-gc_off,live-gc_on,precomputed-gc_off", help=f"comma list of {', '.join(GROUPS)}")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=14)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--zero", default="zero2", help="ds_configs/<name>.json")
-    ap.add_argument("--batch", type=int, default=4, help="pairs (sft: samples) per micro batch per rank")
+    ap.add_argument("--batch", type=int, default=4, help="pairs per micro batch per rank")
     ap.add_argument("--max_source_length", type=int, default=192)
     ap.add_argument("--max_target_length", type=int, default=320)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--synthetic", action="store_true", help="generated pairs even when the real sample is present")
-    ap.add_argument("--skip_trl", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per process on both sides (1 on a shared CPU machine; default: torch's)")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--name", default="dpo_peers")
     ap.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
-    a = ap.parse_args()
-
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions"), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MEDGPT_NO_PROGRESS="1")
-    if a.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // a.nproc))
+    a = ap.parse_args(argv)
+    a.env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // a.nproc))} if a.nproc > 1 and not a.threads else {}
     wd = a.workdir or tempfile.mkdtemp(prefix="medgpt_bench_pref_")
     os.makedirs(wd, exist_ok=True)
-    base, pairs, trl, tok_per_pair = make_workspace(wd, a)
-    sft_data = os.path.join(wd, "sft.jsonl")
-    rows = [("sft (prompt + chosen)", run_ours("sft", "sft", [], base, sft_data, wd, a, env))]
-    for name, stage, extra in (("rm", "rm", []), ("dpo, live reference engine", "dpo", ["--reference", "model"]),
-                               ("dpo, precomputed reference", "dpo", ["--reference", "precomputed"]), ("orpo", "orpo", [])):
-        rows.append((name, run_ours(name.split(",")[0] + ("_pre" if "precomputed" in name else ""), stage, extra, base, pairs, wd,
-                                    a, env)))
-        print(f"{name}: {rows[-1][1]['tokens_per_s']:.0f} tokens/s", flush=True)
-    if not a.skip_trl:
-        for name, pre in (("TRL DPOTrainer, live reference", False), ("TRL DPOTrainer, precomputed reference", True)):
-            rows.append((name, run_trl("trl_pre" if pre else "trl", pre, base, trl, wd, a, env)))
-            print(f"{name}: {rows[-1][1]['tokens_per_s']:.0f} tokens/s", flush=True)
-    sft_tps = rows[0][1]["tokens_per_s"]
-    print(f"\n{os.path.basename(REAL) if os.path.exists(REAL) and not a.synthetic else 'generated pairs'}, llama hidden "
-          f"{a.hidden} x {a.layers} layers, {a.zero}, {a.nproc} rank(s), micro batch {a.batch}, {a.steps} steps "
-          f"(median tokens/s per step after step {WARMUP}; {tok_per_pair:.0f} real tokens per pair)\n")
-    print("| run | real tokens/s | vs sft | pairs/s | wall s (incl. start, precompute) |\n|---|---|---|---|---|")
-    for name, r in rows:
-        pairs_s = "" if name.startswith("sft") else f"{r['tokens_per_s'] / tok_per_pair:.2f}"
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / sft_tps:.2f} | {pairs_s} | {r['wall_s']:.0f} |")
+    ws = make_workspace(wd, a)
+    settings = {"model": f"llama hidden {a.hidden} x {a.layers} layers (random init, saved once, both sides load it)",
+                "data": f"{os.path.basename(PAIRS_SAMPLE) if not a.synthetic else 'generated pairs'}: {ws['n_pairs']} pairs "
+                        f"that fit {a.max_source_length}/{a.max_target_length} tokens, {ws['tokens_per_pair']:.0f} real "
+                        "tokens per pair", "zero": f"{a.zero} (torch AdamW pinned)", "ranks": a.nproc,
+                "micro batch": f"{a.batch} pairs", "grad_accum": 1, "precision": "fp32", "attention": "sdpa",
+                "loss": "sigmoid, beta 0.1",
+                "torch threads per process": a.threads or "torch default", "lr": "1e-5 constant", "steps": a.steps, "warmup_steps_excluded": a.warmup,
+                "rounds": a.rounds}
+    groups = a.groups.split(",")
+
+    def save(comparisons: list) -> str:
+        """Write the result so far (after each group: a stopped bench keeps what it measured)."""
+        return write_result(a.name, {
+            "title": "dpo vs TRL DPOTrainer", "kind": "peer_comparison",
+            "command": "python bench/bench_preference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "settings": settings, "sides": {"medgpt-ds dpo": "launch/train.py --stage dpo",
+                                            "TRL DPOTrainer": "DPOConfig, DeepSpeed through the HF Trainer"},
+            "comparisons": comparisons, "complete": len(comparisons) == len(groups)})
+
+    comparisons = []
+    for group in groups:
+        reference, gc = GROUPS[group]
+        sides = {"medgpt-ds dpo": lambda r=reference, g=gc, t=group: run_ours(ws, wd, a, r, g, t),
+                 "TRL DPOTrainer": lambda r=reference, g=gc, t=group: run_trl(ws, wd, a, r, g, t)}
+
+        def show(name, i, res, group=group):
+            print(f"[{group}] round {i + 1} {name}: {res if 'error' not in res else res['error'][-600:]}", flush=True)
+
+        out = interleave(sides, a.rounds, "tokens_per_s", on_result=show)
+        comparisons.append({"name": group, "metric": "real tokens/s (median per step)",
+                            "settings": {"reference": reference, "gradient_checkpointing": f"{'on' if gc else 'off'} on "
+                                                                                          "both sides"}, **out})
+        for key, st in out["ratios"].items():
+            if st["median"] is not None:
+                print(f"[{group}] {key}: median {st['median']:.2f}x (min {st['min']:.2f}, max {st['max']:.2f})", flush=True)
+        path = save(comparisons)
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,19 +5,23 @@ critic + old log-probs) / training, for the rollout backends under ZeRO-3 on a t
     python bench/bench_rollout.py                              # 2 ranks, tiny model, CPU or GPU
     python bench/bench_rollout.py --sizes tiny,small --max_new_tokens 64 --steps 6
 
-Each run is a real `deepspeed --num_gpus N launch/train.py --stage ppo` with a reward model, greedy
-decoding (so every backend generates the same tokens; the bench checks that) and the same prompts:
+Each run is a real `deepspeed --num_gpus N launch/train.py --stage ppo` (through bench/rollout_probe.py,
+which records every rollout's token ids) with a reward model, greedy decoding and the same prompts:
 
   hybrid     ZeRO-3: the actor's shards gathered once per rollout, KV-cached generate (the default)
   per_token  ZeRO-3: no gather; every decoding step re-gathers every layer, synced_gpus=True
   zero2      ZeRO-2 (replicated weights): plain generate, for reference
 
-Times are per-step means over the steps after the first (warm-up). Results: a table on stdout
-and bench_rollout.json in --workdir.
+The bench fails unless the greedy response token ids are identical, rank by rank and step by step,
+between the ZeRO-3 backends (same weights at every step), and between ZeRO-2 and ZeRO-3 at the first
+step (same initial weights; later ZeRO-2 steps may differ in the last bits of the update). Times are
+per-step means over the steps after the first (warm-up). Results: a table on stdout and
+bench/results/rollout_backends.json.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -27,6 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 # hidden, layers, intermediate, heads, kv heads
 SIZES = {"tiny": (64, 2, 176, 4, 2), "small": (256, 4, 704, 8, 4)}
@@ -79,8 +84,11 @@ def run_ppo(args, paths: dict, run: str, out: str) -> list[dict]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                MEDGPT_NO_PROGRESS="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
+    env["MEDGPT_BENCH_TOKENS"] = out + "-tokens"  # beside the output dir: the trainer wants that one new
+    shutil.rmtree(env["MEDGPT_BENCH_TOKENS"], ignore_errors=True)
+    os.makedirs(env["MEDGPT_BENCH_TOKENS"])
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.nproc),
-           "--master_port", str(29700 + os.getpid() % 200), os.path.join(ROOT, "launch", "train.py"),
+           "--master_port", str(29700 + os.getpid() % 200), os.path.join(ROOT, "bench", "rollout_probe.py"),
            "--stage", "ppo", "--sft_model_path", paths["actor"], "--reward_model_path", paths["rm"],
            "--template_name", "chatml", "--train_file_dir", os.path.join(ROOT, "data", "demo", "sft"),
            "--rollout_backend", backend, "--temperature", "0", "--max_new_tokens", str(args.max_new_tokens),
@@ -94,6 +102,32 @@ def run_ppo(args, paths: dict, run: str, out: str) -> list[dict]:
     print(f"  {run}: {time.perf_counter() - t0:.0f} s wall (launch included)", flush=True)
     with open(os.path.join(out, "logs", "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r.get("split") == "train"]
+
+
+def rollout_tokens(out: str) -> dict[str, list[dict]]:
+    """Every rollout's prompt and response token ids, per rank, in call order."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(out + "-tokens", "rank*.jsonl"))):
+        with open(path) as f:
+            runs[os.path.basename(path)[:-6]] = [json.loads(line) for line in f]
+    return runs
+
+
+def first_difference(a: dict, b: dict, steps: int | None = None) -> str | None:
+    """Where two runs' greedy tokens first differ (None: identical over the first ``steps`` rollouts)."""
+    if sorted(a) != sorted(b) or not a:
+        return f"ranks differ: {sorted(a)} vs {sorted(b)}"
+    for rank in a:
+        calls_a, calls_b = a[rank][:steps], b[rank][:steps]
+        if len(calls_a) != len(calls_b):
+            return f"{rank}: {len(calls_a)} vs {len(calls_b)} rollouts"
+        for i, (x, y) in enumerate(zip(calls_a, calls_b)):
+            if x["prompts"] != y["prompts"]:
+                return f"{rank} rollout {i + 1}: different prompts"
+            for row, (rx, ry) in enumerate(zip(x["responses"], y["responses"])):
+                if rx != ry:
+                    return f"{rank} rollout {i + 1} row {row}: {rx[:12]}... vs {ry[:12]}..."
+    return None
 
 
 def summarize(records: list[dict]) -> dict:
@@ -122,12 +156,21 @@ def main() -> None:
               flush=True)
         records = {run: run_ppo(args, paths, run, os.path.join(args.workdir, f"{size}-{run}"))
                    for run in args.runs.split(",")}
-        first = next(iter(records.values()))
-        same = all([round(r["reward"], 4) for r in recs] == [round(r["reward"], 4) for r in first]
-                   and [r["response_length"] for r in recs] == [r["response_length"] for r in first]
-                   for recs in records.values())
+        tokens = {run: rollout_tokens(os.path.join(args.workdir, f"{size}-{run}")) for run in records}
+        runs = list(records)
+        checks = {}
+        for run in runs[1:]:
+            both_zero3 = RUNS[run][0] == RUNS[runs[0]][0]
+            checks[f"{runs[0]} vs {run}"] = {
+                "scope": "every rollout" if both_zero3 else "first rollout (same initial weights)",
+                "difference": first_difference(tokens[runs[0]], tokens[run], None if both_zero3 else 1),
+                "later_rollouts_identical": first_difference(tokens[runs[0]], tokens[run]) is None}
         results[size] = {run: summarize(recs) for run, recs in records.items()}
-        results[size]["same_generations"] = same
+        results[size]["token_checks"] = checks
+        results[size]["rollouts_compared"] = sum(len(v) for v in tokens[runs[0]].values())
+        bad = {k: c["difference"] for k, c in checks.items() if c["difference"]}
+        if bad:
+            raise SystemExit(f"error: greedy token ids differ across rollout backends ({size}): {bad}")
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -143,9 +186,17 @@ def main() -> None:
             speed = f"{base / m['generation']:.2f}x" if base else "-"
             print(f"| {size} | {run} | {m['generation']:.3f} | {m['scoring']:.3f} | {m['training']:.3f} | "
                   f"{m['step']:.3f} | {100 * m['generation'] / m['step']:.0f}% | {speed} |")
-        print(f"same greedy generations across runs ({size}): {res['same_generations']}")
-    with open(os.path.join(args.workdir, "bench_rollout.json"), "w") as f:
-        json.dump({"device": device, "load_average": load, "args": vars(args), "results": results}, f, indent=2)
+        for name, c in res["token_checks"].items():
+            print(f"greedy token ids identical ({size}, {name}, {c['scope']}, {res['rollouts_compared']} rollouts "
+                  f"per run): yes; all later rollouts too: {c['later_rollouts_identical']}")
+    from common import write_result
+
+    print("wrote", write_result("rollout_backends", {
+        "title": "online RL rollout backends (PPO step split)", "kind": "rollout",
+        "command": "python bench/bench_rollout.py " + " ".join(sys.argv[1:]),
+        "settings": {"ranks": args.nproc, "prompts_per_rank": args.batch, "max_new_tokens": args.max_new_tokens,
+                     "decoding": "greedy", "steps": args.steps, "sizes": {k: SIZES[k] for k in results},
+                     "timed": f"mean of steps 2..{args.steps}"}, "results": results}))
 
 
 if __name__ == "__main__":

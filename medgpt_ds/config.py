@@ -202,7 +202,8 @@ class TrainingArguments:
 @dataclass
 class LoraArguments:
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
-    target_modules: str = field(default="all", metadata={"help": "Comma-separated module names, or all (every linear but the head)."})
+    target_modules: str = field(default="all", metadata={
+        "help": "Comma-separated module names, or all (every linear layer and MoE expert weight; not heads or routers)."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})

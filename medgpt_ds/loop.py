@@ -100,7 +100,7 @@ def train(*, cfg, engine, model, tokenizer, ds_config: dict, train_items: list, 
     if leftover:
         run.logger.info(f"data: {leftover} of {len(train_items)} items per epoch do not fill a whole optimizer step "
                         f"of {micro * ga * world} and are left out of that epoch (a different set each epoch)")
-    thr = Throughput(num_params)
+    thr = Throughput.for_model(model, ds_config, num_params)  # tokens/s, TFLOP/s, MFU (metrics.py)
 
     def run_eval() -> None:
         if eval_items:
@@ -151,7 +151,7 @@ def train(*, cfg, engine, model, tokenizer, ds_config: dict, train_items: list, 
             step_loss += loss_sum.detach().float().item()
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + float(v)
-        thr.add(int(counts[1].item()), int(counts[2].item()))
+        thr.add(int(counts[1].item()), int(counts[2].item()), step_batches)
         window["loss"] += step_loss
         window["units"] += counts[0].item()
         for k, v in step_metrics.items():

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, set_seed)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
 from medgpt_ds import checkpoint, dist, engine as eng, generation, rl
 from medgpt_ds.advantages import AdaptiveKLController, FixedKLController, gae, kl_estimate, shape_rewards, whiten
@@ -32,7 +31,7 @@ from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.logprobs import entropy_from_logits
 from medgpt_ds.losses import ppo_policy_loss, ppo_value_loss
-from medgpt_ds.model import load_model, load_tokenizer
+from medgpt_ds.model import load_model, load_tokenizer, value_model_class
 from medgpt_ds.run_state import RunState, TrainState, debug_fault
 from medgpt_ds.scoring import critic_values, in_chunks, policy_logprobs, reference_logprobs, sequence_rewards
 
@@ -77,7 +76,7 @@ def load_critic(cfg, path: str, tokenizer, ds_config: dict):
     config.num_labels, config.classifier_dropout, config.token_classification_bias = 1, 0.0, False
     config.pad_token_id = tokenizer.pad_token_id
     args = dataclasses.replace(cfg.model, model_name_or_path=path, model_config=None)
-    return load_model(args, cfg.train, cfg.lora, tokenizer, ds_config, model_cls=AutoModelForTokenClassification,
+    return load_model(args, cfg.train, cfg.lora, tokenizer, ds_config, model_cls=value_model_class(config),
                       extra_config={"config": config}, peft_task_type="TOKEN_CLS")
 
 

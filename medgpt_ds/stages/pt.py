@@ -20,7 +20,7 @@ from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.loading import data_key, load_train_eval, tokenize_records
 from medgpt_ds.data.packing import PaddedCollator, chunk_documents
 from medgpt_ds.model import count_parameters, load_model, load_tokenizer
-from medgpt_ds.stages.sft import lm_loss_sum, pack_or_pad
+from medgpt_ds.stages.sft import lm_loss_sum, pack_or_pad, plan_packing
 
 
 def chunked(tokenizer, items: list[dict], block_size: int, what: str) -> list[dict]:
@@ -52,8 +52,8 @@ def run(cfg) -> loop.TrainState:
     if eval_recs:
         edocs, _ = tokenize_records(eval_recs, encode, cache_dir=cache, key=key + ["eval"], desc="pt-eval")
         eval_items = chunked(tokenizer, edocs, d.block_size, "pt eval")
-    packing = d.packing is not False
-    train_items, collate = pack_or_pad(train_items, d.block_size, packing, tokenizer.pad_token_id, "pt train")
+    train_items, collate = pack_or_pad(train_items, d.block_size, plan_packing(cfg, tokenizer), tokenizer.pad_token_id,
+                                       "pt train")
 
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,
                                            t.gradient_accumulation_steps, dist.world_size())

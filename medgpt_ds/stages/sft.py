@@ -11,36 +11,46 @@ sharegpt `conversations`, `messages`, alpaca. Samples are packed into rows of mo
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from transformers import set_seed
 
 from medgpt_ds import checkpoint, dist, engine as eng, loop
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.loading import data_key, load_train_eval, resolve_tools, tokenize_records
-from medgpt_ds.data.packing import PackedCollator, PaddedCollator, pack_sequences
+from medgpt_ds.data.packing import PackingPlan, PaddedCollator, model_inputs, pack_sequences, packing_plan
 from medgpt_ds.data.templates import encode_conversation, get_chat_template
 from medgpt_ds.errors import UserError
 from medgpt_ds.losses import causal_lm_loss
-from medgpt_ds.model import count_parameters, load_model, load_tokenizer
+from medgpt_ds.model import count_parameters, load_config, load_model, load_tokenizer, resolve_attn_implementation
 
 
 def lm_loss_sum(engine, batch: dict):
     """Summed next-token cross entropy over label tokens (the loop normalises globally)."""
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                 position_ids=batch.get("position_ids"), use_cache=False)
+    out = engine(**model_inputs(batch), use_cache=False)
     loss, _ = causal_lm_loss(out.logits, batch["labels"], num_tokens=1.0)
     return loss, {}
 
 
-def pack_or_pad(items: list[dict], max_len: int, packing: bool, pad_id: int, what: str):
-    """Rows of packed samples (first-fit decreasing) or single samples, and their collator."""
-    if not packing:
+def pack_or_pad(items: list[dict], max_len: int, plan: Optional[PackingPlan], pad_id: int, what: str):
+    """Rows of packed samples (best-fit decreasing) in the plan's layout, or single padded samples
+    (no plan: --packing False; or a model packing cannot keep exact here), and their collator."""
+    if plan is None or plan.layout == "padded":
+        if plan is not None:
+            dist.print0(plan.notice)
         return items, PaddedCollator(pad_id)
     rows = pack_sequences([len(x["input_ids"]) for x in items], max_len)
     n_tok = sum(len(x["input_ids"]) for x in items)
     dist.print0(f"{what}: packed {len(items)} samples into {len(rows)} rows of <= {max_len} tokens "
-                f"(fill {100 * n_tok / max(1, len(rows) * max_len):.1f}%)")
-    return [[items[i] for i in row] for row in rows], PackedCollator(pad_id)
+                f"(fill {100 * n_tok / max(1, len(rows) * max_len):.1f}%, layout {plan.layout})")
+    return [[items[i] for i in row] for row in rows], plan.collator(pad_id)
+
+
+def plan_packing(cfg, tokenizer) -> Optional[PackingPlan]:
+    """The packed layout for this run's model and attention (None with --packing False)."""
+    if cfg.data.packing is False:
+        return None
+    return packing_plan(load_config(cfg.model, tokenizer), resolve_attn_implementation(cfg.model), dist.device().type)
 
 
 def run(cfg) -> loop.TrainState:
@@ -71,8 +81,8 @@ def run(cfg) -> loop.TrainState:
         dist.print0(f"sft eval: {ecounts['kept']} kept, {ecounts['dropped']} dropped of {ecounts['records']}")
     if not train_items:
         raise UserError("no training sample left after tokenization (all dropped); raise --model_max_length")
-    packing = d.packing is not False
-    train_items, collate = pack_or_pad(train_items, d.model_max_length, packing, tokenizer.pad_token_id, "sft train")
+    train_items, collate = pack_or_pad(train_items, d.model_max_length, plan_packing(cfg, tokenizer),
+                                       tokenizer.pad_token_id, "sft train")
 
     world = dist.world_size()
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,
