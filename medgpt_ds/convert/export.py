@@ -32,7 +32,7 @@ def write_generation_config(src_dir: str | None, config: Any, output_dir: str) -
     already in ``output_dir``."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from medgpt_ds.data.templates import stop_token_ids
+    from medgpt_ds.generation import stop_at_end_of_turn
 
     if src_dir and os.path.isfile(os.path.join(src_dir, "generation_config.json")):
         gen = GenerationConfig.from_pretrained(src_dir)
@@ -42,12 +42,7 @@ def write_generation_config(src_dir: str | None, config: Any, output_dir: str) -
         tokenizer = AutoTokenizer.from_pretrained(output_dir)
     except (OSError, ValueError):
         tokenizer = None
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-        ids = [i for i in eos if i is not None] + stop_token_ids(tokenizer, tokenizer.chat_template)
-        gen.eos_token_id = list(dict.fromkeys(ids))
-        if gen.pad_token_id is None:
-            gen.pad_token_id = tokenizer.pad_token_id
+    stop_at_end_of_turn(gen, tokenizer)
     gen.save_pretrained(output_dir)
 
 
