@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import re
 import shutil
 from typing import Any, Optional
 
+import deepspeed
 import numpy as np
 import torch
 
@@ -23,6 +25,7 @@ from medgpt_ds import dist
 from medgpt_ds.convert.safe_load import load_pickle, pickle_files, vet_checkpoint_files
 from medgpt_ds.convert.zero import check_fits
 from medgpt_ds.errors import CheckpointError, PathNotFound, UserError, writing
+from medgpt_ds.generation import stop_at_end_of_turn
 
 STATE_FILE = "trainer_state.json"
 _TAG_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -173,8 +176,6 @@ def export_hf(engine, model, tokenizer, out_dir: str, *, is_peft: bool, zero3: b
         if is_peft:
             trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             if zero3:
-                import deepspeed
-
                 # a plain rank-0 save under ZeRO-3 writes empty (0,) tensors: gather the adapter first
                 with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
                     state = {n: p.detach().cpu().clone() for n, p in trainable} if dist.is_main() else None
@@ -185,26 +186,11 @@ def export_hf(engine, model, tokenizer, out_dir: str, *, is_peft: bool, zero3: b
         else:
             state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
             if dist.is_main():
-                _stop_on_end_of_turn(model, tokenizer)
+                stop_at_end_of_turn(getattr(model, "generation_config", None), tokenizer)
                 model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         if dist.is_main():
             tokenizer.save_pretrained(out_dir)
     dist.barrier()
-
-
-def _stop_on_end_of_turn(model, tokenizer) -> None:
-    """Make plain `generate` (and vLLM) stop at the chat template's end-of-turn token too, not only
-    at eos (ChatML replies end with <|im_end|> while eos is <|endoftext|>)."""
-    gen = getattr(model, "generation_config", None)
-    if gen is None or not tokenizer.chat_template:
-        return
-    from medgpt_ds.data.templates import stop_token_ids
-
-    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    ids = [i for i in eos if i is not None] + [i for i in stop_token_ids(tokenizer, tokenizer.chat_template)]
-    gen.eos_token_id = list(dict.fromkeys(ids))
-    if gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -241,8 +227,6 @@ def prepare_output_dir(cfg) -> Optional[str]:
 
 
 def _versions() -> dict:
-    import platform
-
     out = {"python": platform.python_version()}
     for mod in ("torch", "deepspeed", "transformers", "peft", "datasets", "trl", "bitsandbytes", "flash_attn"):
         try:

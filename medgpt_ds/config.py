@@ -20,9 +20,15 @@ from transformers import HfArgumentParser, SchedulerType
 
 from medgpt_ds.data.templates import TEMPLATES
 from medgpt_ds.errors import UserError
+from medgpt_ds.generation import BACKENDS
 from medgpt_ds.model import check_model_path
+from medgpt_ds.rewards import RULE_REWARDS
 
-STAGES = ("pt", "sft", "rm", "ppo", "dpo", "orpo", "grpo")
+# The stages: each is medgpt_ds/stages/<name>.py with run(cfg) (and its own flags as `Arguments`),
+# with the kind of data it reads (data/formats.py). A new stage is its file plus its line here.
+STAGE_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "ppo": "prompt", "dpo": "preference",
+              "orpo": "preference", "grpo": "prompt"}
+STAGES = tuple(STAGE_DATA)
 SEQUENCE_PARALLEL_STAGES = ("pt", "sft", "dpo", "orpo")
 
 # MedicalGPT / HF Trainer flags with no meaning under this trainer: accepted, warned about.
@@ -133,7 +139,7 @@ class DataArguments:
 @dataclass
 class TrainingArguments:
     output_dir: str = field(metadata={"help": "Where checkpoints, logs and the final HF export go."})
-    stage: str = field(default="sft", metadata={"help": "pt, sft, rm, ppo, dpo, orpo or grpo."})
+    stage: str = field(default="sft", metadata={"help": f"One of {', '.join(STAGES)}."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (default: ZeRO-0 built in)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Micro batch per rank (rows when packing)."})
@@ -236,6 +242,87 @@ class LoraArguments:
             raise ValueError("--lora_rank must be positive")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError("--lora_dropout must be in [0, 1)")
+
+
+# --- ppo and grpo ----------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutArguments:
+    """Flags shared by --stage ppo and --stage grpo: models, rollout backend, sampling, rewards."""
+
+    sft_model_path: Optional[str] = field(
+        default=None, metadata={"help": "The policy to start from (the sft stage's export); default --model_name_or_path."})
+    ref_model_path: Optional[str] = field(
+        default=None, metadata={"help": "Frozen reference policy for the KL term; default the starting policy "
+                                        "(with --use_peft: the actor with its adapter disabled, no second copy)."})
+    reward_model_path: Optional[str] = field(
+        default=None, metadata={"help": "Reward model (the rm stage's HF export, a sequence classifier with one "
+                                        "label, read at the last non-pad token as in rm training)."})
+    reward_model_weight: float = field(default=1.0, metadata={"help": "Weight of the reward model's score in the reward."})
+    reward_funcs: Optional[str] = field(
+        default=None, metadata={"help": "Comma-separated rule rewards: format, answer_exact, answer_normalized, "
+                                        "answer_choice, or module.path:function (fn(completions, answers) -> floats)."})
+    reward_weights: Optional[str] = field(
+        default=None, metadata={"help": "Comma-separated weights, one per --reward_funcs entry (default all 1.0)."})
+    rollout_backend: str = field(
+        default="hybrid", metadata={"help": "hybrid (gather ZeRO-3 shards once per rollout, generate with the KV "
+                                            "cache), per_token (no gather, synced_gpus: slow baseline), ds_hybrid "
+                                            "(DeepSpeed Hybrid Engine, CUDA + OPT/BLOOM/GPT-NeoX/old Llama), vllm (not yet)."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Response length limit (tokens) per rollout."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy); also scales the "
+                                                              "logits when scoring log-probs, as in sampling."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    stop: Optional[str] = field(default=None, metadata={"help": "Comma-separated stop strings, \\n for a newline (the "
+                                                                "response ends with the string; eos and the "
+                                                                "template's end-of-turn always stop)."})
+    generation_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Responses per generate() call on a rank (default: the whole rollout at once; "
+                                        "the ZeRO-3 gather still happens once)."})
+    rollout_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Prompts per rank per step (default: one optimizer step's worth)."})
+    kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimator to the reference: k1, k2, k3."})
+    offload_frozen: bool = field(
+        default=False, metadata={"help": "ZeRO-3: keep the frozen models' (reference, reward) parameters on the CPU."})
+
+    def __post_init__(self):
+        if self.rollout_backend not in BACKENDS:
+            raise ValueError(f"--rollout_backend must be one of {', '.join(BACKENDS)}, got {self.rollout_backend!r}")
+        if self.max_new_tokens <= 0:
+            raise ValueError("--max_new_tokens must be positive")
+        if self.temperature < 0:
+            raise ValueError("--temperature must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("--top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("--top_k must be >= 0")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"--kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        for name in ("generation_batch_size", "rollout_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive")
+        names = split_list(self.reward_funcs)
+        for n in names:
+            if n not in RULE_REWARDS and ":" not in n:
+                raise ValueError(f"--reward_funcs: unknown reward {n!r}; use {', '.join(RULE_REWARDS)} or module:function")
+        if self.reward_weights is not None:
+            try:
+                weights = [float(w) for w in split_list(self.reward_weights)]
+            except ValueError:
+                raise ValueError(f"--reward_weights must be comma-separated numbers, got {self.reward_weights!r}")
+            if len(weights) != len(names):
+                raise ValueError(f"--reward_weights has {len(weights)} values for {len(names)} --reward_funcs")
+
+    def stop_strings(self) -> list[str]:
+        """--stop split at commas, kept verbatim (spaces count) except that \\n and \\t are unescaped."""
+        items = (self.stop or "").split(",")
+        return [s.replace("\\n", "\n").replace("\\t", "\t") for s in items if s]
+
+
+def split_list(value: Optional[str]) -> list[str]:
+    """'a, b' -> ['a', 'b'] (empty items dropped)."""
+    return [s.strip() for s in (value or "").split(",") if s.strip()]
 
 
 @dataclass

@@ -9,6 +9,7 @@ import datetime
 import os
 import socket
 import sys
+import zlib
 from typing import Any
 
 import torch
@@ -204,6 +205,20 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t
+
+
+def all_reduce_dict(values: dict[str, Any]) -> dict[str, float]:
+    """Sum named numbers (floats or 0-dim tensors) over all ranks in one float64 collective: dict in,
+    dict out, same names in the same order. Every rank must pass the same names; a mismatch is an
+    error, never a silent mix-up of metrics."""
+    names = sorted(values)
+    check = float(zlib.crc32("\0".join(names).encode()))  # exact in float64, also summed over ranks
+    t = torch.tensor([float(values[k]) for k in names] + [check], dtype=torch.float64, device=device())
+    all_reduce_sum(t)
+    out = dict(zip(names, t[:-1].tolist()))
+    if torch.distributed.is_initialized() and world_size() > 1 and t[-1].item() != check * world_size():
+        raise RuntimeError(f"all_reduce_dict: ranks passed different names (rank {rank()}: {', '.join(names)})")
+    return {k: out[k] for k in values}
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -18,7 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from medgpt_ds.data.templates import encode_preference
 from medgpt_ds.inference import ChatModel, GenerationConfig, shard_map
+from medgpt_ds.logprobs import IGNORE_INDEX
+from medgpt_ds.scoring import LastTokenScore
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MC_INSTRUCTION = "Answer with the letter of the correct option."
@@ -31,17 +34,22 @@ def _windows(ids: list[int], max_length: int) -> list[list[int]]:
     return [w for w in (ids[i:i + max_length] for i in range(0, len(ids), max_length)) if len(w) > 1]
 
 
+def _right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T), mask (B, T) long): rows right-padded, so positions match unpadded runs."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
 @torch.no_grad()
 def _nll_rows(model, rows: list[list[int]], pad_id: int) -> list[tuple[float, int]]:
     """(summed next-token NLL, predicted tokens) per row; right-padded, one forward."""
-    dev = next(model.parameters()).device
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=dev)  # (B, T)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=dev)
-    labels = ids.masked_fill(mask == 0, -100)[:, 1:]  # (B, T-1)
+    ids, mask = _right_pad(rows, pad_id, next(model.parameters()).device)  # (B, T)
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)[:, 1:]  # (B, T-1)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T-1)
-    return [(float(s), int(n)) for s, n in zip(nll.sum(1).tolist(), (labels != -100).sum(1).tolist())]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+    return [(float(s), int(n)) for s, n in zip(nll.sum(1).tolist(), (labels != IGNORE_INDEX).sum(1).tolist())]
 
 
 def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 1024, batch_size: int = 8) -> dict | None:
@@ -121,9 +129,7 @@ def letter_token_ids(tokenizer, letters: Sequence[str]) -> list[int]:
 def _last_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor:
     """Next-token logits after each row (right padding, so positions match unpadded runs). (B, V)"""
     dev = next(model.parameters()).device
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=dev)  # (B, T)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=dev)
+    ids, mask = _right_pad(rows, pad_id, dev)  # (B, T)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
     last = torch.tensor([len(r) - 1 for r in rows], device=dev)
     return logits[torch.arange(len(rows), device=dev), last].float()
@@ -165,20 +171,13 @@ def multiple_choice(chat: ChatModel, records: Sequence[dict[str, Any]], batch_si
 @torch.no_grad()
 def _rewards(model, rows: list[list[int]], pad_id: int) -> list[float]:
     """Scalar reward of each row, read where transformers' sequence classifiers (and so reward-model
-    training) read it: the last token that is not the config's pad id. Computed from the hidden
-    states with the score head, so right padding added here never moves the read position."""
+    training and the RL stages) read it: the last token that is not the config's pad id
+    (scoring.LastTokenScore), so right padding added here never moves the read position."""
     dev = next(model.parameters()).device
-    head = getattr(model, "score", None)
-    if head is None:  # other heads: one unpadded row at a time
+    if getattr(model, "score", None) is None:  # other heads: one unpadded row at a time
         return [float(model(input_ids=torch.tensor([r], device=dev)).logits[0, 0]) for r in rows]
-    cfg_pad = model.config.pad_token_id
-    last = [max((j for j, t in enumerate(r) if t != cfg_pad), default=len(r) - 1) for r in rows]
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=dev)  # (B, T)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=dev)
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
-    at = hidden[torch.arange(len(rows), device=dev), torch.tensor(last, device=dev)]  # (B, H)
-    return head(at).float()[:, 0].tolist()
+    ids, mask = _right_pad(rows, pad_id, dev)  # (B, T)
+    return LastTokenScore(model)(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)).tolist()
 
 
 def reward_pairwise(model, tokenizer, chat_template: str, records: Sequence[dict[str, Any]], batch_size: int = 8,
@@ -187,8 +186,6 @@ def reward_pairwise(model, tokenizer, chat_template: str, records: Sequence[dict
     Pairs are tokenized as reward-model training does (templates.encode_preference: prompt + reply
     with its end-of-turn marker; the prompt cut from the left to fit `max_length`) and scored at the
     same token (see _rewards)."""
-    from medgpt_ds.data.templates import encode_preference
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     half = max_length // 2
 

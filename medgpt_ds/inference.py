@@ -19,11 +19,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 from medgpt_ds import dist
+from medgpt_ds.data.templates import get_chat_template, turn_terminators
+from medgpt_ds.generation import Generation, HFBackend, SamplingParams, cut_at_stop
+from medgpt_ds.model import load_adapter
 
 Messages = list[dict[str, str]]
-_SENTINEL = "\u2063MEDGPT_SENTINEL\u2063"  # text no tokenizer merges with its neighbours
 
 
 # ---------------------------------------------------------------- loading
@@ -79,14 +82,10 @@ def resolve_paths(model_name_or_path: str | None, adapter: str | None = None,
     return model_name_or_path, adapter, tokenizer_name_or_path
 
 
-def load_tokenizer(path: str, template_name: str | None = None, trust_remote_code: bool = False):
+def load_chat_tokenizer(path: str, template_name: str | None = None, trust_remote_code: bool = False):
     """Tokenizer with a chat template: its own (exported by training) or the named one."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if template_name and template_name != "auto":
-        from medgpt_ds.data.templates import get_chat_template
-
         tok.chat_template = get_chat_template(template_name, tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -97,18 +96,14 @@ def load_causal_lm(model_name_or_path: str, adapter: str | None = None, tokenize
                    device: str = "auto", trust_remote_code: bool = False):
     """AutoModelForCausalLM in eval mode on `device`; a LoRA adapter is loaded with peft and merged
     (merged weights generate faster and behave exactly like the adapter)."""
-    from transformers import AutoModelForCausalLM
-
     dev = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=pick_dtype(dtype, dev),
                                                  trust_remote_code=trust_remote_code)
     if adapter is not None:
-        from peft import PeftModel
-
         # Training may have added tokens (extended tokenizer, embeddings saved with the adapter).
         if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = load_adapter(model, adapter).merge_and_unload()  # peft's MoE renaming off for our adapters
     return model.to(dev).eval()
 
 
@@ -135,32 +130,6 @@ class Completion:
     finish_reason: str  # "stop" (end of turn or stop string) or "length"
 
 
-class _StopOnStrings:
-    """Per-row stop when the decoded continuation contains a stop string, or on cancel."""
-
-    def __init__(self, tokenizer, prompt_len: int, stop: Sequence[str], cancel: threading.Event | None = None):
-        self.tokenizer, self.prompt_len, self.stop, self.cancel = tokenizer, prompt_len, list(stop), cancel
-        # A stop string spans at most len(s) tokens (every token decodes to >= 1 char), plus one
-        # token of slack for byte-level pieces that decode to partial characters.
-        self.tail = max((len(s) for s in self.stop), default=0) + 1
-
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if self.cancel is not None and self.cancel.is_set():
-            return done | True
-        if not self.stop:
-            return done
-        for i, row in enumerate(input_ids[:, self.prompt_len:]):
-            text = self.tokenizer.decode(row[-self.tail:], skip_special_tokens=True)
-            done[i] = any(s in text for s in self.stop)
-        return done
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 class ChatModel:
     """A causal LM + tokenizer + chat template, ready to answer chats."""
 
@@ -171,7 +140,8 @@ class ChatModel:
                 "template, otherwise pass --template_name (the one used in training)")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.device = next(model.parameters()).device
-        self.eos_ids, self.template_stops = self._turn_terminators()
+        self.eos_ids, self.template_stops = turn_terminators(
+            tokenizer, eos_token_id=getattr(model.generation_config, "eos_token_id", None))
         self.lock = threading.Lock()  # one generation at a time (the server runs handlers in threads)
 
     @classmethod
@@ -179,7 +149,7 @@ class ChatModel:
              template_name: str | None = None, dtype: str = "auto", device: str = "auto",
              trust_remote_code: bool = False) -> ChatModel:
         base, adapter, tok_path = resolve_paths(model_name_or_path, adapter, tokenizer_name_or_path)
-        tok = load_tokenizer(tok_path, template_name, trust_remote_code)
+        tok = load_chat_tokenizer(tok_path, template_name, trust_remote_code)
         model = load_causal_lm(base, adapter, tok, dtype, device, trust_remote_code)
         name = os.path.basename(os.path.normpath(adapter or base))
         return cls(model, tok, name)
@@ -189,25 +159,6 @@ class ChatModel:
         """Context length: the model's position limit (tokenizer limits are often placeholders)."""
         n = getattr(self.model.config, "max_position_embeddings", None)
         return int(n) if n else int(min(self.tokenizer.model_max_length, 1 << 20))
-
-    def _turn_terminators(self) -> tuple[list[int], list[str]]:
-        """What ends an assistant turn in this template: render a turn with a sentinel and look at
-        what follows it. A single special token (<|im_end|>, <|eot_id|>, </s>) becomes an eos id;
-        plain text (e.g. a '### Human:' marker) becomes a stop string."""
-        eos = set()
-        for ids in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
-            eos.update(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
-        stops: list[str] = []
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False)
-        suffix = text.split(_SENTINEL, 1)[1].strip() if _SENTINEL in text else ""
-        if suffix:
-            ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
-            if len(ids) == 1 and suffix in self.tokenizer.all_special_tokens + list(self.tokenizer.get_added_vocab()):
-                eos.add(ids[0])
-            else:
-                stops.append(suffix)
-        return sorted(eos), stops
 
     def render(self, messages: Messages) -> str:
         """The prompt text exactly as training rendered it, ending with the assistant header."""
@@ -220,54 +171,36 @@ class ChatModel:
                                                  sanitize_control_tokens=True, return_dict=True)
         return list(out["input_ids"])
 
-    def _generate_kwargs(self, cfg: GenerationConfig) -> dict[str, Any]:
-        kw: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "eos_token_id": self.eos_ids or None,
-                                  "pad_token_id": self.tokenizer.pad_token_id,
-                                  "repetition_penalty": cfg.repetition_penalty}
-        if cfg.temperature and cfg.temperature > 0:
-            kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if cfg.seed is not None:
-            torch.manual_seed(cfg.seed)
-        return kw
-
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # (B, T)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        return ids, mask
+    def sampling_params(self, cfg: GenerationConfig, prompts: list[list[int]]) -> SamplingParams:
+        """The request's settings for these prompts: max_new_tokens lowered to what fits in the
+        context, ending at the template's end of turn, eos and the request's stop strings."""
+        return SamplingParams(max_new_tokens=self._room(prompts, cfg.max_new_tokens),
+                              pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=self.eos_ids,
+                              temperature=cfg.temperature or 0.0, top_p=cfg.top_p, top_k=cfg.top_k,
+                              stop_strings=[*self.template_stops, *cfg.stop],
+                              repetition_penalty=cfg.repetition_penalty)
 
     @torch.no_grad()
     def generate(self, chats: Sequence[Messages], cfg: GenerationConfig | None = None) -> list[Completion]:
         """Answer a batch of chats (left-padded into one generate call)."""
         cfg = cfg or GenerationConfig()
-        stop = [*self.template_stops, *cfg.stop]
         prompts = [self.encode(m) for m in chats]
-        cfg = dataclasses.replace(cfg, max_new_tokens=self._room(prompts, cfg.max_new_tokens))
-        ids, mask = self._left_pad(prompts)
+        params = self.sampling_params(cfg, prompts)
         with self.lock:
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **self._generate_kwargs(cfg),
-                                      stopping_criteria=[_StopOnStrings(self.tokenizer, ids.shape[1], stop)])
-        results = []
-        for prompt, row in zip(prompts, out[:, ids.shape[1]:].tolist()):
-            row, ended = self._trim(row)
-            text, stopped = _cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stop)
-            reason = "stop" if ended or stopped or len(row) < cfg.max_new_tokens else "length"
-            results.append(Completion(text, len(prompt), len(row), reason))
-        return results
+            if cfg.seed is not None:
+                torch.manual_seed(cfg.seed)
+            gen = HFBackend(self.model, self.tokenizer, params, device=self.device).generate(prompts)
+        rows = gen.responses()  # each up to and including the token that ended the turn
+        return [self._completion(row, bool(ended), len(p), params) for row, ended, p in zip(rows, gen.has_eos, prompts)]
 
-    def _trim(self, row: list[int]) -> tuple[list[int], bool]:
-        """Generated ids up to and including the first end-of-turn id (rows that finished early are
-        padded after it); True when the turn ended."""
-        for j, t in enumerate(row):
-            if t in self.eos_ids:
-                return row[:j + 1], True
-        pad = self.tokenizer.pad_token_id
-        while row and row[-1] == pad:
-            row = row[:-1]  # a row stopped by a stop string is padded too
-        return row, False
+    def _completion(self, row: list[int], has_eos: bool, prompt_tokens: int, params: SamplingParams,
+                    text: str | None = None, stopped: bool = False) -> Completion:
+        """A generated row as a Completion: its text cut at the first stop string (unless given), and
+        "stop" when the turn ended (stop token or string) or was cut short, "length" at the limit."""
+        if text is None:
+            text, stopped = cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), params.stop_strings)
+        ended = has_eos or stopped or len(row) < params.max_new_tokens
+        return Completion(text, prompt_tokens, len(row), "stop" if ended else "length")
 
     def _room(self, prompts: list[list[int]], max_new_tokens: int) -> int:
         """max_new_tokens, lowered to what fits in the context after the longest prompt."""
@@ -285,22 +218,18 @@ class ChatModel:
         return out
 
     def _stream(self, messages: Messages, cfg: GenerationConfig | None, out: TextStream) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
-
         cfg = cfg or GenerationConfig()
-        stop = [*self.template_stops, *cfg.stop]
         prompt = self.encode(messages)
-        cfg = dataclasses.replace(cfg, max_new_tokens=self._room([prompt], cfg.max_new_tokens))
-        ids, mask = self._left_pad([prompt])
+        params = self.sampling_params(cfg, [prompt])
+        stop = params.stop_strings
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
+        backend = HFBackend(self.model, self.tokenizer, params, device=self.device, streamer=streamer, cancel=cancel)
         box: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                box["out"] = self.model.generate(
-                    input_ids=ids, attention_mask=mask, streamer=streamer, **self._generate_kwargs(cfg),
-                    stopping_criteria=[_StopOnStrings(self.tokenizer, ids.shape[1], stop, cancel)])
+                box["gen"] = backend.generate([prompt])
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread below
                 box["error"] = e
                 streamer.end()
@@ -308,12 +237,14 @@ class ChatModel:
         hold = max((len(s) for s in stop), default=1) - 1
         text, sent, stopped, drained = "", 0, False, False
         with self.lock:
+            if cfg.seed is not None:
+                torch.manual_seed(cfg.seed)
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
             try:
                 for piece in streamer:
                     text += piece
-                    cut, stopped = _cut_at_stop(text, stop)
+                    cut, stopped = cut_at_stop(text, stop)
                     if stopped:
                         cancel.set()
                         if len(cut) > sent:
@@ -337,9 +268,9 @@ class ChatModel:
                 thread.join()
         if "error" in box:
             raise box["error"]
-        row, ended = self._trim(box["out"][0, ids.shape[1]:].tolist())
-        reason = "stop" if ended or stopped or len(row) < cfg.max_new_tokens else "length"
-        out.completion = Completion(text[:sent], len(prompt), len(row), reason)
+        gen: Generation = box["gen"]
+        out.completion = self._completion(gen.responses()[0], bool(gen.has_eos[0]), len(prompt), params,
+                                          text=text[:sent], stopped=stopped)
 
 
 class TextStream:

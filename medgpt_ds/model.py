@@ -35,9 +35,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model")
 
-# Keep the HfDeepSpeedConfig alive: transformers reads it through a weakref to decide on zero.Init.
-_HF_DS_CONFIG = None
-
 
 def load_tokenizer(model_args):
     """The tokenizer of --tokenizer_name_or_path (else the model's), with a pad token."""
@@ -219,24 +216,43 @@ def freeze_outside_language_model(model) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-def set_zero3_init(ds_config: dict) -> None:
-    """Register the DeepSpeed config with transformers so from_pretrained / from_config build the
-    model under deepspeed.zero.Init (ZeRO-3): no rank ever holds the whole model."""
-    global _HF_DS_CONFIG
+@contextmanager
+def zero3_init(ds_config: dict):
+    """Under ZeRO-3, register ``ds_config`` with transformers for the duration of the block, so
+    from_pretrained / from_config build the model under deepspeed.zero.Init (no rank ever holds the
+    whole model) and resizing and peft gather partitioned weights. transformers keeps only a weakref:
+    the local name keeps the config alive exactly as long as the block runs."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    # here, not at the top: HfDeepSpeedConfig imports DeepSpeed and checks accelerate (ZeRO-3 only)
     from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config.get("zero_optimization", {}).get("stage") == 3 else None
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_ds_config
 
 
 def load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, *, model_cls=AutoModelForCausalLM,
                extra_config: Optional[dict] = None, peft_task_type: str = "CAUSAL_LM"):
-    """Load (or build from a config) the model to train, with LoRA/QLoRA and checkpointing applied.
-
-    Call after ``set_zero3_init``. ``model_cls`` is AutoModelForCausalLM (a composite text + vision
-    checkpoint loads whole, its vision tower frozen), AutoModelForSequenceClassification for reward
-    models (extra_config num_labels=1) or ``value_model_class`` for the PPO critic; ``extra_config``
-    holds config attributes to set (or ``config``: the config to load with).
+    """Load (or build from a config) the model to train, with LoRA/QLoRA and checkpointing applied,
+    ZeRO-3 partitioned as ``ds_config`` says (zero.Init). ``model_cls`` is AutoModelForCausalLM (a
+    composite text + vision checkpoint loads whole, its vision tower frozen),
+    AutoModelForSequenceClassification for reward models (extra_config num_labels=1) or
+    ``value_model_class`` for the PPO critic; ``extra_config`` holds config attributes to set (or
+    ``config``: the config to load with).
     """
+    with zero3_init(ds_config):
+        return _load_model(model_args, train_args, lora_args, tokenizer, ds_config, model_cls, extra_config,
+                           peft_task_type)
+
+
+def _load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, model_cls, extra_config: Optional[dict],
+                peft_task_type: str):
     dtype = resolve_dtype(model_args, train_args)
     attn = resolve_attn_implementation(model_args)
     quant = None
@@ -279,7 +295,7 @@ def load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, *,
         resize_for_tokenizer(model, tokenizer, model_args, ds_config)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False  # packed batches need it off (DESIGN.md); generation turns it back on
+    model.config.use_cache = False  # packed batches need it off (docs/architecture.md); generation turns it back on
     if is_composite(model.config) and hasattr(model, "get_decoder"):
         trainable, frozen = freeze_outside_language_model(model)
         dist.print0(f"{type(model).__name__}: text training on the language model ({trainable:,} parameters); the "

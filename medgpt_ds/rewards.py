@@ -7,12 +7,14 @@ the content of the last message is scored.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
 
 RewardFn = Callable[[list, list], list[float]]
+RULE_REWARDS = ("format", "answer_exact", "answer_normalized", "answer_choice")  # the --reward_funcs names
 
 _FORMAT_RE = re.compile(r"^\s*<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>).)*</answer>\s*$", re.DOTALL)
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -147,3 +149,27 @@ def combine_rewards(
         per_fn[key] = scores
         total = [t + weight * s for t, s in zip(total, scores, strict=True)]
     return total, per_fn
+
+
+def rule_reward_functions(names: list[str], weights: list[float]) -> list[tuple[RewardFn, float]]:
+    """[(fn(completions, answers) -> floats, weight)] for --reward_funcs / --reward_weights: the
+    RULE_REWARDS by name, anything else imported as ``module.path:function``; the functions carry the
+    given names (metrics are logged per name)."""
+    out = []
+    for name, weight in zip(names, weights, strict=True):
+        if name == "format":
+            fn = _named(lambda completions, answers: format_reward(completions), name)
+        elif name.startswith("answer_"):
+            fn = _named(functools.partial(answer_match_reward, mode=name.split("_", 1)[1]), name)
+        else:
+            fn = load_reward_function(name)
+        out.append((fn, weight))
+    return out
+
+
+def _named(fn, name: str) -> RewardFn:
+    def wrapped(completions, answers):
+        return fn(completions, answers)
+
+    wrapped.__name__ = name
+    return wrapped

@@ -80,3 +80,36 @@ def tiny_base_dir(tmp_path_factory, demo_tokenizer_dir, tiny_llama):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_tokenizer, tiny_llama):
+    """A merged HF model dir (weights + tokenizer with the ChatML template) that answers "A B"
+    (the bigram of tests/helpers.py)."""
+    from tests.helpers import BIGRAM, bigram_lm, save_chat_tokenizer
+
+    out = tmp_path_factory.mktemp("bigram")
+    tok = save_chat_tokenizer(tiny_tokenizer, out)
+    bigram_lm(tok, tiny_llama, BIGRAM).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, model_dir):
+    """A LoRA adapter (on lm_head) over model_dir that makes the first answer token "B": answers "B"."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("lora")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=["lm_head"]))
+    with torch.no_grad():
+        lora = peft_model.base_model.model.lm_head
+        lora.lora_A["default"].weight.zero_()
+        lora.lora_A["default"].weight[0, 0] = 1.0  # reads direction 0 ("any other token")
+        lora.lora_B["default"].weight.zero_()
+        lora.lora_B["default"].weight[tok.convert_tokens_to_ids("B"), 0] = 8.0  # B beats A (4.0)
+    peft_model.save_pretrained(out)
+    return out

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_inference import ANSWER, BIGRAM, ROOT, model_dir, save_chat_tokenizer  # noqa: F401
+from tests.helpers import ANSWER, BIGRAM, save_chat_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MC = [  # 9 single-answer items, 4 with answer A; plus one multi-answer item
     {"question": "Which vitamin deficiency causes scurvy?", "options": {"A": "Vitamin C", "B": "Vitamin D"}, "answer": "A"},
@@ -58,7 +60,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chat(model_dir):  # noqa: F811
+def chat(model_dir):
     from medgpt_ds.inference import ChatModel
 
     return ChatModel.load(str(model_dir), device="cpu")
@@ -226,7 +228,7 @@ def _eval_argv(model: Path, rm: Path, f: dict[str, Path], out: Path) -> list[str
 
 
 @pytest.mark.smoke
-def test_evaluate_cli_writes_report(model_dir, rm_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_evaluate_cli_writes_report(model_dir, rm_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT / "tools"))
     import evaluate
 
@@ -264,7 +266,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.distributed
-def test_two_ranks_match_one_rank(model_dir, rm_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_two_ranks_match_one_rank(model_dir, rm_dir, tmp_path, monkeypatch):
     """One torchrun launch, 2 ranks: batch chat and every evaluation, compared with 1 rank in-process."""
     f = _files(tmp_path)
     chat_argv = ["--model_name_or_path", str(model_dir), "--input_file", str(f["chat"]), "--batch_size", "2"]
@@ -304,7 +306,7 @@ MEDICALGPT = ROOT.parent / "shared/data/medicalgpt"
 
 
 @pytest.mark.smoke
-def test_evaluate_on_medicalgpt_sample_files(model_dir, rm_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_evaluate_on_medicalgpt_sample_files(model_dir, rm_dir, tmp_path, monkeypatch):
     """MedicalGPT's own file formats go through every evaluation (Chinese text, sharegpt pairs)."""
     if not MEDICALGPT.is_dir():
         pytest.skip(f"{MEDICALGPT} absent (sample data lives beside the checkout in CI)")

@@ -394,3 +394,34 @@ def test_value_head_where_transformers_has_none(tmp_path, saved, models, name):
     rm.save_pretrained(tmp_path / "rm")
     from_rm = cls.from_pretrained(tmp_path / "rm", config=config)
     torch.testing.assert_close(from_rm.score.weight, rm.score.weight, atol=0, rtol=0)
+
+
+# --- the hub layout exports write ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL)
+def test_hub_layout_is_what_save_pretrained_writes(models, name):
+    """medgpt_ds.convert.layout, unit by unit, gives exactly the keys and tensors transformers'
+    save_pretrained writes (revert_weight_conversion over the whole state dict) for every family:
+    per-expert MoE weights, Gemma3's language_model.model.*; and reading that layout back unit by
+    unit gives the model's own state dict."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from medgpt_ds.convert.layout import HubReader, Layout
+    from medgpt_ds.convert.plans import tied_duplicates
+
+    model = models[name]
+    dups = tied_duplicates(model)
+    own = {k: v for k, v in model.state_dict().items() if k not in dups}
+    want = revert_weight_conversion(model, dict(own))
+    layout = Layout(model, {k: v.shape for k, v in own.items()}, to_hub=True)
+    got = {}
+    for unit in layout.units:
+        out = layout.convert(unit, {s: own[s] for s, _ in unit.sources})
+        assert {k: v.shape for k, v in out.items()} == unit.targets  # planned on meta tensors
+        got.update(out)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    if name in ("qwen3_moe", "deepseek_v3"):
+        assert "model.layers.1.mlp.experts.3.down_proj.weight" in got and len(got) > len(own)
+    reader = HubReader({k: v.shape for k, v in got.items()}, {k: v.dtype for k, v in got.items()}, model)
+    assert reader.where.keys() == own.keys() and not reader.layout.unexpected
+    assert all(torch.equal(reader.tensor(k, got.__getitem__), own[k]) for k in own)

@@ -220,3 +220,107 @@ def test_remote_moe_with_separate_experts_is_a_zero3_leaf(launched):
     doesn't match expected size. Is there a distributed collective mismatch"; checked by hand)."""
     assert "ZeRO-3: MoE blocks TinyMoeBlock are leaf modules" in launched["stdout"]
     assert math.isfinite(metrics(str(_out(launched, "remote_moe/sft")))[0]["loss"])
+
+
+# --- tools/zero_to_hf.py and tools/merge_lora.py on the runs' checkpoints ------------------------------
+
+CONVERT_FAMILIES = ("qwen3_moe", "deepseek_v3", "qwen3_5", "gemma3")
+
+
+def _tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _run_tool(capsys, name: str, *argv) -> str:
+    rc = _tool(name)([str(a) for a in argv])
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-3000:] + out.err[-3000:]
+    assert "-> OK" in out.out, out.out[-3000:]  # --verify passed (it raises on a failure too)
+    return out.out
+
+
+@pytest.mark.parametrize("family", CONVERT_FAMILIES)
+def test_zero_to_hf_and_merge_lora_write_the_hub_layout(launched, family, tmp_path, capsys):
+    """zero_to_hf full, adapter and --merge_lora, and merge_lora.py on the adapter + base, each with
+    --verify (the export reloaded by transformers / peft against DeepSpeed's own reader or peft's
+    unmerged adapter), on the 2-rank ZeRO-3 checkpoints. Full and merged exports hold exactly the keys
+    save_pretrained writes (the trainer's export and the base model folder: per-expert MoE weights,
+    Gemma3's language_model.model.*); the full export is the trainer's export tensor for tensor, and
+    both merges agree."""
+    from safetensors import safe_open
+
+    sft, lora, base = _out(launched, f"{family}/sft"), _out(launched, f"{family}/lora"), launched["models"][family]
+    _run_tool(capsys, "zero_to_hf", "--checkpoint_dir", sft, "--output_dir", tmp_path / "full", "--verify")
+    _run_tool(capsys, "zero_to_hf", "--checkpoint_dir", lora, "--output_dir", tmp_path / "adapter", "--verify")
+    _run_tool(capsys, "zero_to_hf", "--checkpoint_dir", lora, "--output_dir", tmp_path / "merged", "--merge_lora",
+              "--verify")
+    _run_tool(capsys, "merge_lora", "--base_model", base, "--adapter", tmp_path / "adapter", "--output_dir",
+              tmp_path / "merge_tool", "--verify")
+
+    hub = set(_safetensors(base))  # save_pretrained of the family's model
+    trainer, full = _safetensors(sft), _safetensors(tmp_path / "full")
+    merged, merge_tool = _safetensors(tmp_path / "merged"), _safetensors(tmp_path / "merge_tool")
+    assert set(trainer) == set(full) == set(merged) == set(merge_tool) == hub
+    if family in ("qwen3_moe", "deepseek_v3"):
+        assert any(".mlp.experts.0.gate_proj.weight" in k for k in hub) and not any(k.endswith("gate_up_proj")
+                                                                                    for k in hub)
+    if family == "gemma3":
+        assert all(k.startswith(("language_model.model.", "vision_tower.", "multi_modal_projector.")) for k in hub)
+    assert all(torch.equal(full[k], trainer[k]) for k in hub)
+    for k in hub:
+        torch.testing.assert_close(merge_tool[k], merged[k], atol=1e-6, rtol=0)
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as a, \
+            safe_open(str(lora / "adapter_model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())  # the trainer's own adapter naming
+    base_t = _safetensors(base)
+    changed = {k for k in hub if not torch.equal(merged[k], base_t[k])}  # where the LoRA was merged
+    assert changed and not any("norm" in k for k in changed)
+    if family in ("qwen3_moe", "deepseek_v3"):
+        assert any(".experts.0." in k for k in changed) and any(".experts.3." in k for k in changed)
+    if family == "deepseek_v3":  # shared experts and the dense first layer keep their own LoRA
+        assert any(".shared_experts." in k for k in changed) and any(".layers.0.mlp." in k for k in changed)
+    if family in COMPOSITES:
+        assert all("language_model." in k for k in changed)
+
+
+@pytest.mark.parametrize("family", PPO_FAMILIES)
+def test_zero_to_hf_value_head(launched, family, tmp_path, capsys):
+    """The PPO critic of a model type transformers has no token classifier for exports with
+    --model_kind value as our value head (medgpt_ds.model.value_model_class) and verifies."""
+    from medgpt_ds.convert.plans import load_config
+    from medgpt_ds.model import value_model_class
+
+    critic = _out(launched, f"{family}/ppo") / "checkpoint-1" / "critic" / "state"
+    _run_tool(capsys, "zero_to_hf", "--checkpoint_dir", critic, "--base_model", launched["models"][family],
+              "--model_kind", "value", "--output_dir", tmp_path / "critic", "--verify")
+    config = load_config(str(tmp_path / "critic"))
+    model = value_model_class(config).from_pretrained(str(tmp_path / "critic"), config=config).eval()
+    with torch.no_grad():
+        values = model(input_ids=_probe()).logits
+    assert values.shape == (2, 12, 1) and torch.isfinite(values).all()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_chat_serve_evaluate_load_the_moe_adapter(launched, family):
+    """inference.load_causal_lm (chat, serve, evaluate with --adapter_name_or_path) merges the run's
+    MoE LoRA adapter to the logits of the adapter itself (stock PeftModel.from_pretrained refuses
+    DeepSeek's: peft moves its shared-expert / dense-MLP LoRA onto the experts, a size mismatch)."""
+    from transformers import AutoModelForCausalLM
+
+    from medgpt_ds.inference import load_causal_lm
+    from medgpt_ds.model import load_adapter
+
+    out, base = _out(launched, f"{family}/lora"), launched["models"][family]
+    merged = load_causal_lm(base, adapter=str(out), dtype="float32", device="cpu")
+    reference = load_adapter(AutoModelForCausalLM.from_pretrained(base), str(out)).eval()
+    ids = _probe()
+    with torch.no_grad():
+        got, want = merged(input_ids=ids).logits, reference(input_ids=ids).logits
+        before = AutoModelForCausalLM.from_pretrained(base).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got - before).abs().max() > 1e-4

@@ -1,9 +1,10 @@
 """Inference: model loading (merged, base + LoRA), chat template rendering, generation, streaming,
 stop strings, and the chat CLI in batch mode and interactively through a pseudo-terminal.
 
-The test model is a hand-built bigram: attention and MLP outputs are zeroed, so the residual stream
-is the embedding of the last token and the logits are a table we write. Whatever the question, it
-answers "A B" and ends its turn, so every check below compares exact strings.
+The test model is the hand-built bigram of tests/helpers.py (fixture model_dir, conftest.py):
+attention and MLP outputs are zeroed, so the residual stream is the embedding of the last token and
+the logits are a table we write. Whatever the question, it answers "A B" and ends its turn, so every
+check below compares exact strings.
 """
 from __future__ import annotations
 
@@ -13,74 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.helpers import ANSWER, save_chat_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-ANSWER = "A B"
-# next token after each token (None: every other token); a margin of 4 * sqrt(32) in the logits
-BIGRAM = {None: "A", "A": "Ġ", "Ġ": "B", "B": "<|im_end|>"}
-
-
-def save_chat_tokenizer(tokenizer, out: Path, chat_template: str | None = CHATML):
-    """A fresh copy of `tokenizer` with the ChatML template, saved to `out` (the session fixture is shared)."""
-    from transformers import AutoTokenizer
-
-    tokenizer.save_pretrained(out)
-    tok = AutoTokenizer.from_pretrained(out)
-    tok.chat_template = chat_template
-    tok.save_pretrained(out)
-    return tok
-
-
-def bigram_lm(tok, make_llama, table: dict[str | None, str], scale: float = 4.0):
-    """A tiny Llama whose next token depends only on the current one, as given by `table`."""
-    model = make_llama(len(tok))
-    with torch.no_grad():
-        for layer in model.model.layers:  # attention and MLP add nothing to the residual stream
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
-        emb.zero_()
-        emb[:, 0] = 1.0  # direction 0: "any other token"
-        head.zero_()
-        for d, (cur, nxt) in enumerate(table.items()):
-            if cur is not None:
-                i = tok.convert_tokens_to_ids(cur)
-                emb[i] = 0.0
-                emb[i, d] = 1.0
-            head[tok.convert_tokens_to_ids(nxt), d] = scale
-    return model
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, tiny_tokenizer, tiny_llama) -> Path:
-    """A merged HF model dir (weights + tokenizer with the ChatML template) that answers "A B"."""
-    out = tmp_path_factory.mktemp("bigram")
-    tok = save_chat_tokenizer(tiny_tokenizer, out)
-    bigram_lm(tok, tiny_llama, BIGRAM).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def adapter_dir(tmp_path_factory, model_dir) -> Path:
-    """A LoRA adapter (on lm_head) over model_dir that makes the first answer token "B": answers "B"."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("lora")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=["lm_head"]))
-    with torch.no_grad():
-        lora = peft_model.base_model.model.lm_head
-        lora.lora_A["default"].weight.zero_()
-        lora.lora_A["default"].weight[0, 0] = 1.0  # reads direction 0 ("any other token")
-        lora.lora_B["default"].weight.zero_()
-        lora.lora_B["default"].weight[tok.convert_tokens_to_ids("B"), 0] = 8.0  # B beats A (4.0)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -184,10 +121,10 @@ def test_tokenizer_without_template_is_a_clear_error(tmp_path, tiny_tokenizer, t
 @pytest.mark.unit
 def test_template_name_override(tmp_path, tiny_tokenizer, model_dir):
     templates = pytest.importorskip("medgpt_ds.data.templates", reason="medgpt_ds.data.templates not present")
-    from medgpt_ds.inference import load_tokenizer
+    from medgpt_ds.inference import load_chat_tokenizer
 
     save_chat_tokenizer(tiny_tokenizer, tmp_path, chat_template=None)
-    tok = load_tokenizer(str(tmp_path), template_name="chatml")
+    tok = load_chat_tokenizer(str(tmp_path), template_name="chatml")
     assert tok.chat_template == templates.get_chat_template("chatml", tok)
     assert "<|im_start|>assistant" in tok.apply_chat_template(user("hi"), tokenize=False, add_generation_prompt=True)
 

@@ -11,27 +11,9 @@ from medgpt_ds.config import DataArguments
 from medgpt_ds.data.pairs import PairCollator, encode_pair, load_pairs, pair_id, pair_logps
 from medgpt_ds.data.templates import TEMPLATES
 from medgpt_ds.logprobs import IGNORE_INDEX
+from tests.helpers import RECS, pair_data_args
 
 CHATML = TEMPLATES["chatml"]
-
-
-def _data_args(**kw):
-    base = dict(max_source_length=64, max_target_length=64, truncation_mode="truncate")
-    base.update(kw)
-    return types.SimpleNamespace(**base)
-
-
-def _rec(q, c, r, history=()):
-    msgs = [m for turn in history for m in ({"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]})]
-    return {"prompt": msgs + [{"role": "user", "content": q}], "chosen": c, "rejected": r}
-
-
-RECS = [
-    _rec("What causes a fever?", "A fever is usually caused by an infection.", "No idea."),
-    _rec("How should I take the tablet?", "Take one tablet with water after a meal, twice a day.", "Whenever."),
-    _rec("And for a cough?", "Rest and fluids; see a doctor if it lasts.", "Cough syrup fixes everything always.",
-         history=[("I have a cold.", "Sorry to hear that.")]),
-]
 
 
 @pytest.mark.unit
@@ -43,14 +25,14 @@ def test_pair_id_is_content_hash():
 
 @pytest.mark.unit
 def test_encode_pair_truncates_prompt_left_answers_right(tiny_tokenizer):
-    full = encode_pair(tiny_tokenizer, CHATML, RECS[2], _data_args(max_source_length=4096, max_target_length=4096))
+    full = encode_pair(tiny_tokenizer, CHATML, RECS[2], pair_data_args(max_source_length=4096, max_target_length=4096))
     assert full["truncated"] is False
-    short = encode_pair(tiny_tokenizer, CHATML, RECS[2], _data_args(max_source_length=5, max_target_length=3))
+    short = encode_pair(tiny_tokenizer, CHATML, RECS[2], pair_data_args(max_source_length=5, max_target_length=3))
     assert short["truncated"] is True
     assert short["prompt_ids"] == full["prompt_ids"][-5:]  # the latest context is kept
     assert short["chosen_ids"] == full["chosen_ids"][:3] and short["rejected_ids"] == full["rejected_ids"][:3]
     assert short["id"] != full["id"]
-    assert encode_pair(tiny_tokenizer, CHATML, RECS[2], _data_args(max_source_length=5, truncation_mode="drop")) is None
+    assert encode_pair(tiny_tokenizer, CHATML, RECS[2], pair_data_args(max_source_length=5, truncation_mode="drop")) is None
     # the prompt + chosen tokens are exactly the rendered conversation's tokens
     text = tiny_tokenizer.apply_chat_template(RECS[2]["prompt"] + [{"role": "assistant", "content": RECS[2]["chosen"]}],
                                               chat_template=CHATML, tokenize=False)
@@ -59,7 +41,7 @@ def test_encode_pair_truncates_prompt_left_answers_right(tiny_tokenizer):
 
 @pytest.mark.unit
 def test_collator_layout(tiny_tokenizer):
-    items = [encode_pair(tiny_tokenizer, CHATML, r, _data_args()) for r in RECS]
+    items = [encode_pair(tiny_tokenizer, CHATML, r, pair_data_args()) for r in RECS]
     pad = tiny_tokenizer.pad_token_id
     b = PairCollator(pad)(items)
     n = len(items)
@@ -89,7 +71,7 @@ def _separate_logps(model, ids: list[int], n_prompt: int) -> torch.Tensor:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_one_forward_logps_equal_separate_forwards(tiny_tokenizer, tiny_llama, attn):
     model = tiny_llama(len(tiny_tokenizer), attn_implementation=attn).double()  # float64: equal to ~1e-12
-    items = [encode_pair(tiny_tokenizer, CHATML, r, _data_args()) for r in RECS]
+    items = [encode_pair(tiny_tokenizer, CHATML, r, pair_data_args()) for r in RECS]
     batch = PairCollator(tiny_tokenizer.pad_token_id)(items)
     sums, counts = pair_logps(model, batch)  # one (2B, T) forward
     n = len(items)
@@ -137,40 +119,3 @@ def test_load_pairs_counts_and_formats(tmp_path, tiny_tokenizer, capsys):
         out = capsys.readouterr().out
         assert f"dpo train: {kept} of 3 pairs kept, 1 " in out
         assert all(len(x["chosen_ids"]) <= 16 for x in train)
-
-
-# --- shared by the stage tests ------------------------------------------------------------------
-
-_WORDS = ["fever", "cough", "headache", "patient", "doctor", "infection", "virus", "treatment", "dose", "tablet",
-          "blood", "pressure", "heart", "lung", "pain", "symptom"]
-
-
-def write_synthetic_pairs(folder, n_train: int = 256, n_eval: int = 64) -> tuple[str, str]:
-    """A preference set with a rule a tiny model learns in a few dozen steps: the chosen answer
-    ends with " yes", the rejected one is the same answer ending with " no". Returns (train, eval)
-    jsonl paths (MedicalGPT format; disjoint random prompts and bodies)."""
-    paths = []
-    for name, n, seed in (("train", n_train, 0), ("eval", n_eval, 1)):
-        rng = random.Random(seed)
-        path = folder / f"{name}.jsonl"
-        with open(path, "w") as f:
-            for _ in range(n):
-                q = "Tell me about " + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 5))) + "?"
-                body = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 8)))
-                f.write(json.dumps({"conversations": [{"from": "human", "value": q}],
-                                    "chosen": body + " yes", "rejected": body + " no"}) + "\n")
-        paths.append(str(path))
-    return paths[0], paths[1]
-
-
-def split_demo_pairs(folder, n_eval: int = 8) -> tuple[str, str]:
-    """The bundled demo reward data split into train / eval files (so tests can re-read the eval pairs)."""
-    import os
-
-    from tests.launch_utils import ROOT
-
-    lines = open(os.path.join(ROOT, "data", "demo", "reward", "train.jsonl")).read().splitlines()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.jsonl").write_text("\n".join(lines[:-n_eval]) + "\n")
-    (folder / "eval.jsonl").write_text("\n".join(lines[-n_eval:]) + "\n")
-    return str(folder / "train.jsonl"), str(folder / "eval.jsonl")

@@ -1,43 +1,28 @@
-"""Rollout backends and scoring of rollout.py (one process, no launcher): response masks at stop
-tokens and stop strings, left-padding invariance of log-probs / values / reward scores, the clear
-errors for ds_hybrid and vllm, reward function wiring. Also the assets the ppo/grpo stage tests share.
+"""The generation layer (generation.py) and the scoring of rollouts (scoring.py), in one process
+without a launcher: response masks at stop tokens and stop strings, left-padding invariance of
+log-probs / values / reward scores, the clear errors for ds_hybrid and vllm, reward function wiring,
+and a backend added the documented way (one file, one BACKENDS line) driven through --stage grpo.
 """
 from __future__ import annotations
 
-import os
+import json
+import subprocess
+import threading
 
 import pytest
 import torch
 
+from medgpt_ds.config import RolloutArguments
 from medgpt_ds.engine import DSConfigError
-from medgpt_ds.rollout import (Generation, HFGenerateBackend, LastTokenScore, RolloutArguments, SamplingParams, _assemble,
-                               check_backend, chunked, critic_values, left_pad, make_backend, policy_logprobs,
-                               rule_reward_functions)
+from medgpt_ds.errors import UserError
+from medgpt_ds.generation import (Generation, HFBackend, SamplingParams, StopCriterion, _assemble, check_backend,
+                                  left_pad, make_backend)
+from medgpt_ds.rewards import rule_reward_functions
+from medgpt_ds.scoring import LastTokenScore, critic_values, in_chunks, policy_logprobs
+from tests.helpers import make_rl_assets
+from tests.launch_utils import PY, ROOT, env, metrics
 
 pytestmark = pytest.mark.unit
-
-
-def starts_with_space(completions, answers):
-    """The learnable rule reward of the stage tests: 1 when the response starts a new word (a space).
-    About a quarter of a random tiny model's responses do; with --top_k 8 it learns this in ~10 steps."""
-    return [1.0 if c.startswith(" ") else 0.0 for c in completions]
-
-
-def make_rl_assets(out: str, tokenizer_dir: str, tiny_llama) -> dict:
-    """A tiny actor (Llama, hidden 32) and a reward model (sequence classifier, num_labels=1, same
-    config) saved with the ChatML demo tokenizer: {"actor": dir, "rm": dir}."""
-    from transformers import AutoTokenizer, LlamaForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    actor = tiny_llama(len(tok), seed=3, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    paths = {"actor": os.path.join(out, "actor"), "rm": os.path.join(out, "rm")}
-    actor.save_pretrained(paths["actor"])
-    tok.save_pretrained(paths["actor"])
-    config = actor.config.__class__(**{**actor.config.to_dict(), "num_labels": 1})
-    torch.manual_seed(4)
-    LlamaForSequenceClassification(config).save_pretrained(paths["rm"])
-    tok.save_pretrained(paths["rm"])
-    return paths
 
 
 class _Engine:
@@ -90,13 +75,13 @@ def test_left_pad_and_generation_layout():
 def test_stop_token_and_stop_string_end_responses(setup):
     tok, model, prompts = setup
     torch.manual_seed(0)
-    free = HFGenerateBackend(_Engine(model), tok, _params(tok, max_new_tokens=12), zero3=False).generate(prompts)
+    free = HFBackend(_Engine(model), tok, _params(tok, max_new_tokens=12), zero3=False).generate(prompts)
     assert free.response_mask.all() and not free.has_eos.any()  # nothing stops a random model in 12 tokens
     # make the 4th token of row 0 an end-of-turn: replay with a stop id, greedy for a fixed path
-    greedy = HFGenerateBackend(_Engine(model), tok, _params(tok, temperature=0.0, max_new_tokens=12), zero3=False)
+    greedy = HFBackend(_Engine(model), tok, _params(tok, temperature=0.0, max_new_tokens=12), zero3=False)
     path = greedy.generate(prompts).responses()
     stop_id = path[0][3]
-    stopped = HFGenerateBackend(_Engine(model), tok, _params(tok, temperature=0.0, max_new_tokens=12,
+    stopped = HFBackend(_Engine(model), tok, _params(tok, temperature=0.0, max_new_tokens=12,
                                                              stop_token_ids=[stop_id]), zero3=False).generate(prompts)
     for row, full, ended in zip(stopped.responses(), path, stopped.has_eos.tolist()):
         cut = full.index(stop_id) + 1 if stop_id in full else len(full)
@@ -106,12 +91,12 @@ def test_stop_token_and_stop_string_end_responses(setup):
     text0 = tok.decode(path[0])
     needle = text0[len(tok.decode(path[0][:5])) - 1:len(tok.decode(path[0][:5]))]
     assert needle
-    by_string = HFGenerateBackend(_Engine(model), tok, _params(tok, temperature=0.0, max_new_tokens=12,
+    by_string = HFBackend(_Engine(model), tok, _params(tok, temperature=0.0, max_new_tokens=12,
                                                                stop_strings=[needle]), zero3=False).generate(prompts)
     row0 = by_string.responses()[0]
     assert needle in tok.decode(row0) and needle not in tok.decode(row0[:-1]) and by_string.has_eos[0]
     # chunked generation gives the same greedy responses
-    chunked_gen = HFGenerateBackend(_Engine(model), tok, _params(tok, temperature=0.0, max_new_tokens=12),
+    chunked_gen = HFBackend(_Engine(model), tok, _params(tok, temperature=0.0, max_new_tokens=12),
                                     zero3=False, batch_size=2).generate(prompts)
     assert chunked_gen.responses() == path
 
@@ -121,7 +106,7 @@ def test_logprobs_values_and_rewards_ignore_left_padding(setup, tiny_llama):
     from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
 
     torch.manual_seed(1)
-    gen = HFGenerateBackend(_Engine(model), tok, _params(tok, max_new_tokens=6), zero3=False).generate(prompts)
+    gen = HFBackend(_Engine(model), tok, _params(tok, max_new_tokens=6), zero3=False).generate(prompts)
     logps, logits = policy_logprobs(model, gen, temperature=0.7)
     assert logps.shape == gen.response_mask.shape and logits.shape[:2] == gen.response_mask.shape
     cfg = LlamaConfig(**{**model.config.to_dict(), "num_labels": 1, "classifier_dropout": 0.0})
@@ -140,7 +125,7 @@ def test_logprobs_values_and_rewards_ignore_left_padding(setup, tiny_llama):
         assert torch.allclose(logps[i, :len(r)], expect, atol=1e-5)
         assert torch.allclose(values[i, :len(r)], v, atol=1e-5)
         assert torch.allclose(scores[i], s, atol=1e-5)
-    assert torch.equal(chunked(lambda g: critic_values(critic, g), gen, 2), values)
+    assert torch.equal(in_chunks(lambda g: critic_values(critic, g), gen, 2), values)
 
 
 def test_reward_model_reads_before_a_final_pad_id(tiny_llama):
@@ -167,10 +152,10 @@ def test_ds_hybrid_and_vllm_fail_clearly(setup):
         check_backend("ds_hybrid", model_type="llama", device_type="cuda", use_peft=True)
     check_backend("ds_hybrid", model_type="opt", device_type="cuda", use_peft=False)
     check_backend("hybrid", model_type="qwen2", device_type="cpu", use_peft=True)
-    with pytest.raises(NotImplementedError, match="vllm is not implemented yet"):
+    with pytest.raises(UserError, match="vllm is not implemented yet"):
         check_backend("vllm", model_type="llama", device_type="cuda", use_peft=False)
     tok, model, _ = setup
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(UserError, match="vllm is not implemented yet"):
         make_backend("vllm", _Engine(model), tok, _params(tok), zero3=False)
     with pytest.raises(RuntimeError, match="hybrid_engine block"):
         make_backend("ds_hybrid", _Engine(model), tok, _params(tok), zero3=False)
@@ -187,7 +172,7 @@ def test_rollout_arguments_and_reward_functions():
         RolloutArguments(kl_estimator="k4")
     assert RolloutArguments(stop="</answer>,\n\n").stop_strings() == ["</answer>", "\n\n"]
     assert RolloutArguments(stop=r"</answer>, \n\n").stop_strings() == ["</answer>", " \n\n"]
-    fns = rule_reward_functions(["format", "answer_choice", "tests.test_rollout_backend:starts_with_space"],
+    fns = rule_reward_functions(["format", "answer_choice", "tests.helpers:starts_with_space"],
                                 [0.5, 1.0, 2.0])
     assert [f.__name__ for f, _ in fns] == ["format", "answer_choice", "starts_with_space"]
     from medgpt_ds.rewards import combine_rewards
@@ -211,3 +196,71 @@ def test_generation_dataclass_is_the_boundary():
     g = Generation(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
                    torch.tensor([[True, False], [True, True]]), torch.tensor([True, False]), steps=2)
     assert g.response_ids.shape == (2, 2) and g.attention_mask.shape == (2, 5) and len(g) == 2
+
+
+class _CancelAfter:
+    """A streamer that sets ``event`` once ``n`` generated tokens went by (as a consumer that leaves)."""
+
+    def __init__(self, event: threading.Event, n: int):
+        self.event, self.n, self.puts = event, n, 0
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts > self.n:  # the first put is the prompt
+            self.event.set()
+
+    def end(self):
+        pass
+
+
+def test_cancellation_is_checked_every_token(setup):
+    tok, model, prompts = setup
+    cancel = threading.Event()
+    backend = HFBackend(_Engine(model), tok, _params(tok, temperature=0.0, max_new_tokens=12), zero3=False,
+                        streamer=_CancelAfter(cancel, 3), cancel=cancel)
+    gen = backend.generate(prompts[:1])
+    # generate checks the criteria before it hands a token to the streamer: the event set while the
+    # 3rd token was streamed ends the row at the 4th, not at max_new_tokens
+    assert cancel.is_set() and gen.response_mask.sum() == 4 and not gen.has_eos[0]
+    # the criterion alone: rows that did not stop keep end -1, and all rows end once cancelled
+    crit = StopCriterion(tok, 2, [7], [], 2, "cpu", cancel=threading.Event())
+    assert crit(torch.tensor([[1, 2, 7], [1, 2, 5]]), None).tolist() == [True, False]
+    crit.cancel.set()
+    assert crit(torch.tensor([[1, 2, 7, 0], [1, 2, 5, 6]]), None).tolist() == [True, True]
+    assert crit.end.tolist() == [1, -1]
+
+
+@pytest.mark.smoke
+def test_a_new_backend_is_one_file_and_one_line_through_grpo(tmp_path, demo_tokenizer_dir, tiny_llama):
+    # tests/fake_rollout.py is the one file; the BACKENDS line is added in the launched process
+    assets = make_rl_assets(str(tmp_path / "assets"), demo_tokenizer_dir, tiny_llama)
+    out, log = tmp_path / "echo", tmp_path / "calls.jsonl"
+    register = ("import runpy; from medgpt_ds import generation; "
+                "generation.BACKENDS['echo'] = 'tests.fake_rollout:EchoBackend'; "
+                "runpy.run_path('launch/train.py', run_name='__main__')")
+    cmd = [PY, "-c", register, "--stage", "grpo", "--model_name_or_path", assets["actor"], "--template_name", "chatml",
+           "--train_file_dir", "data/demo/grpo", "--rollout_backend", "echo", "--reward_funcs",
+           "tests.helpers:starts_with_space", "--num_generations", "4", "--per_device_train_batch_size", "8",
+           "--max_steps", "3", "--save_steps", "0", "--logging_steps", "1", "--report_to", "none",
+           "--output_dir", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env(FAKE_ROLLOUT_LOG=str(log)), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    # one rollout per step, the weights pushed after every optimizer step, closed once at the end
+    assert [(c["call"], c.get("weight_version", c.get("step"))) for c in calls] == [
+        ("generate", -1), ("update_weights", 1), ("generate", 1), ("update_weights", 2), ("generate", 2),
+        ("update_weights", 3), ("close", None)]
+    for c in calls[::2][:3]:  # 2 prompts x 4 responses, each group adjacent
+        p = c["prompts"]
+        assert len(p) == 8 and p[0] == p[1] == p[2] == p[3] and p[4] == p[5] == p[6] == p[7] and p[0] != p[4]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets["actor"])
+    lengths = [len(tok(" yes", add_special_tokens=False)["input_ids"]) + 1, len(tok("no", add_special_tokens=False)["input_ids"]) + 1]
+    rec = metrics(out)
+    assert [r["step"] for r in rec] == [1, 2, 3]
+    for r in rec:  # the backend's rows, scored as they were returned: " yes" (reward 1) and "no" (0) alternate
+        assert r["reward"] == 0.5 and r["reward/starts_with_space"] == 0.5 and r["reward_std"] == 0.5
+        assert r["frac_reward_zero_std"] == 0.0 and r["eos_fraction"] == 1.0
+        assert r["response_length"] == sum(lengths) / 2 and r["generation_steps_max"] == max(lengths)
+    assert (out / "model.safetensors").is_file()

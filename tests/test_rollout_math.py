@@ -1,11 +1,11 @@
-"""Advantage and KL math of rollout.py: GAE, whitening, group advantages, KL estimators, controllers, reward shaping."""
+"""Advantage and KL math of advantages.py: GAE, whitening, group advantages, KL estimators, controllers, reward shaping."""
 
 import math
 
 import pytest
 import torch
 
-from medgpt_ds.rollout import (
+from medgpt_ds.advantages import (
     AdaptiveKLController,
     FixedKLController,
     gae,

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_inference import ANSWER, ROOT, model_dir  # noqa: F401 - model_dir is a fixture
+from tests.helpers import ANSWER
+
+ROOT = Path(__file__).resolve().parents[1]
 
 openai = pytest.importorskip("openai", reason="openai not installed (pip install openai)")
 httpx = pytest.importorskip("httpx", reason="httpx not installed")
@@ -32,7 +34,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):  # noqa: F811
+def server(model_dir):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MEDGPT_API_KEY": KEY, "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(ROOT / "tools/serve.py"), "--model_name_or_path", str(model_dir), "--port", str(port),
@@ -179,7 +181,7 @@ def test_secure_defaults(monkeypatch):
 
 
 @pytest.mark.unit
-def test_vllm_script_dry_run(model_dir, tmp_path):  # noqa: F811
+def test_vllm_script_dry_run(model_dir, tmp_path):
     """tools/vllm_serve.sh without vLLM: the command it would run, and the stop ids it hands vLLM."""
     import json
 

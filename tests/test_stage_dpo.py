@@ -15,7 +15,7 @@ from medgpt_ds.data.pairs import PairCollator, encode_pair, pair_logps
 from medgpt_ds.data.templates import TEMPLATES
 from medgpt_ds.stages.dpo import CACHE_FILE, precompute_reference
 from tests.launch_utils import SHARED_DATA, ds_config_copy, losses, metrics, train
-from tests.test_pref_data import RECS, _data_args, _rec, split_demo_pairs, write_synthetic_pairs
+from tests.helpers import RECS, pair_data_args, pair_record, split_demo_pairs, write_synthetic_pairs
 
 CHATML = TEMPLATES["chatml"]
 
@@ -48,7 +48,7 @@ def test_precomputed_reference_cache(tmp_path, tiny_tokenizer, tiny_llama):
     model = tiny_llama(len(tiny_tokenizer))
     engine = _Engine(model)
     a = Arguments(reference="precomputed")
-    items = [encode_pair(tiny_tokenizer, CHATML, r, _data_args()) for r in RECS]
+    items = [encode_pair(tiny_tokenizer, CHATML, r, pair_data_args()) for r in RECS]
     precompute_reference(_cfg(tmp_path), a, engine, tiny_tokenizer, {}, items)
     assert engine.rows == 2 * 3  # every pair scored once: chosen and rejected rows
     assert (tmp_path / CACHE_FILE).is_file()
@@ -62,8 +62,8 @@ def test_precomputed_reference_cache(tmp_path, tiny_tokenizer, tiny_llama):
 
     # a new run, data in another order plus one new pair: only the new pair is computed, the rest
     # comes from the cache by id
-    fresh = [encode_pair(tiny_tokenizer, CHATML, r, _data_args()) for r in RECS]
-    new = encode_pair(tiny_tokenizer, CHATML, _rec("Is it contagious?", "Yes, for a few days.", "Never."), _data_args())
+    fresh = [encode_pair(tiny_tokenizer, CHATML, r, pair_data_args()) for r in RECS]
+    new = encode_pair(tiny_tokenizer, CHATML, pair_record("Is it contagious?", "Yes, for a few days.", "Never."), pair_data_args())
     again = fresh + [new]
     random.Random(3).shuffle(again)
     engine.rows = 0

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from tests.launch_utils import SHARED_DATA, ds_config_copy, losses, metrics, train
-from tests.test_pref_data import split_demo_pairs
+from tests.helpers import split_demo_pairs
 
 
 @pytest.mark.distributed

@@ -10,9 +10,9 @@ import os
 import pytest
 
 from tests.launch_utils import SHARED_DATA, ds_config_copy, metrics, train
-from tests.test_rollout_backend import make_rl_assets
+from tests.helpers import make_rl_assets
 
-RULE = "tests.test_rollout_backend:starts_with_space"
+RULE = "tests.helpers:starts_with_space"
 
 
 @pytest.fixture(scope="module")

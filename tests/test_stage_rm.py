@@ -12,7 +12,7 @@ from medgpt_ds.data.pairs import PairCollator, encode_pair
 from medgpt_ds.data.templates import TEMPLATES
 from medgpt_ds.stages.rm import pairwise_loss_sum, rewards
 from tests.launch_utils import SHARED_DATA, ds_config_copy, losses, metrics, train
-from tests.test_pref_data import RECS, _data_args, split_demo_pairs, write_synthetic_pairs
+from tests.helpers import RECS, pair_data_args, split_demo_pairs, write_synthetic_pairs
 
 CHATML = TEMPLATES["chatml"]
 
@@ -27,7 +27,7 @@ def test_rm_loss_on_built_batch_equals_hand_derived(tiny_tokenizer):
     model = LlamaForSequenceClassification(config).double().eval()
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)  # rewards of order 1, so the sigmoid is not saturated or flat
-    items = [encode_pair(tiny_tokenizer, CHATML, r, _data_args()) for r in RECS]
+    items = [encode_pair(tiny_tokenizer, CHATML, r, pair_data_args()) for r in RECS]
     batch = PairCollator(tiny_tokenizer.pad_token_id)(items)
     with torch.no_grad():
         chosen, rejected = rewards(model, batch)
@@ -91,7 +91,7 @@ def test_rm_lora_zero3_two_ranks_exports_scoring_reward_model(tmp_path, tiny_bas
     assert not torch.allclose(model.base_model.model.score.modules_to_save["default"].weight, init_score)
     from medgpt_ds.data.formats import load_records
 
-    items = [encode_pair(tok, tok.chat_template, r, _data_args()) for r in load_records([eval_file], "preference")]
+    items = [encode_pair(tok, tok.chat_template, r, pair_data_args()) for r in load_records([eval_file], "preference")]
     batch = PairCollator(tok.pad_token_id)(items)
     with torch.no_grad():
         chosen, rejected = rewards(model, batch)

@@ -15,7 +15,7 @@ from medgpt_ds.data.templates import (
     end_of_turn,
     get_chat_template,
     render_with_spans,
-    stop_token_ids,
+    turn_terminators,
 )
 
 pytestmark = pytest.mark.unit
@@ -156,11 +156,11 @@ def test_end_of_turn_and_prompt(tok, name):
     assert prompt + _label_runs(enc)[0] == enc["input_ids"]
 
 
-def test_stop_token_ids(tok):
+def test_turn_terminators(tok):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert stop_token_ids(tok, TEMPLATES["qwen"]) == [tok.eos_token_id, im_end]
-    assert stop_token_ids(tok, TEMPLATES["vicuna"]) == [tok.eos_token_id]
-    assert stop_token_ids(tok, TEMPLATES["llama2"]) == [tok.eos_token_id]
+    assert turn_terminators(tok, TEMPLATES["qwen"]) == ([tok.eos_token_id, im_end], [])
+    assert turn_terminators(tok, TEMPLATES["vicuna"]) == ([tok.eos_token_id], [])
+    assert turn_terminators(tok, TEMPLATES["llama2"]) == ([tok.eos_token_id], [])
 
 
 def test_train_on_inputs(tok):

@@ -12,10 +12,13 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.test_inference import ANSWER, ROOT, model_dir  # noqa: F401 - model_dir is a fixture
+from tests.helpers import ANSWER
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Flags for a closed network: without the background-networking ones Chromium keeps dialling out.
@@ -31,7 +34,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.smoke
-def test_web_demo_answers_in_headless_chromium(model_dir, tmp_path):  # noqa: F811
+def test_web_demo_answers_in_headless_chromium(model_dir, tmp_path):
     for path, pkg in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not os.path.exists(path):
             pytest.skip(f"{path} absent: apt-get install {pkg} (bash .ci/serve_setup.sh)")

@@ -21,7 +21,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from transformers import AutoModelForSequenceClassification
+
 from medgpt_ds import dist
+from medgpt_ds.data.formats import find_files, load_records
+from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.errors import main_boundary
 from medgpt_ds.evaluation import (
     MC_INSTRUCTION,
@@ -36,6 +40,7 @@ from medgpt_ds.inference import (
     add_model_args,
     generation_config,
     init_ranks,
+    load_chat_tokenizer,
     load_from_args,
     pick_device,
     pick_dtype,
@@ -72,8 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _records(path: str, kind: str, max_samples: int | None) -> list[dict]:
-    from medgpt_ds.data.formats import find_files, load_records
-
     quiet = print if dist.is_main() else (lambda *a, **k: None)
     return load_records(find_files(path), kind, max_samples=max_samples, log=quiet)
 
@@ -89,15 +92,10 @@ def _mc_records(path: str, max_samples: int | None) -> list[dict]:
 
 
 def load_reward_model(path: str, dtype: str, device: str, trust_remote_code: bool, template_name: str | None):
-    from transformers import AutoModelForSequenceClassification
-
-    from medgpt_ds.data.templates import get_chat_template
-    from medgpt_ds.inference import load_tokenizer
-
     dev = pick_device(device)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=pick_dtype(dtype, dev), trust_remote_code=trust_remote_code)
-    tok = load_tokenizer(path, template_name, trust_remote_code)
+    tok = load_chat_tokenizer(path, template_name, trust_remote_code)
     return model.to(dev).eval(), tok, get_chat_template(None, tok)
 
 

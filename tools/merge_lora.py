@@ -5,7 +5,9 @@
     python tools/merge_lora.py --base_model models/Qwen2.5-0.5B --adapter hf/rm-lora --output_dir hf/rm --verify
 
 Works one layer at a time (base safetensors and adapter read lazily, each LoRA layer merged in fp32
-with PEFT's own merge), so memory stays near one layer plus one tensor whatever the model size.
+with PEFT's own merge; a MoE layer's experts together), so memory stays near one layer plus one tensor
+whatever the model size. The base folder is read, and the merged model written, in the layout
+save_pretrained writes (per-expert MoE weights, a composite's own prefixes).
 Reward/value adapters (task SEQ_CLS) give a sequence-classification model that keeps the trained
 score head. The tokenizer and its chat template come from the adapter folder when it has them
 (tools/zero_to_hf.py puts them there), else from the base. For a DeepSpeed checkpoint, use

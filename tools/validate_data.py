@@ -24,12 +24,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from medgpt_ds.config import STAGE_DATA as STAGE_KINDS  # noqa: E402 - stage -> the kind of data it reads
 from medgpt_ds.data import formats  # noqa: E402
 from medgpt_ds.errors import UserError, main_boundary  # noqa: E402
 from medgpt_ds.model import check_model_path  # noqa: E402
 
-STAGE_KINDS = {"pt": "pt", "sft": "sft", "rm": "preference", "dpo": "preference", "orpo": "preference",
-               "ppo": "prompt", "grpo": "prompt"}
 # One converter per kind: the trainer's own (formats.load_records stops at the first error; here
 # each record is converted on its own so every error is reported).
 CONVERTERS = {"pt": formats._to_pt, "sft": formats._to_sft, "preference": formats._to_preference,

@@ -45,7 +45,7 @@ GEN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/medgpt_vllm_gen.XXXXXX")
 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$MODEL" "$GEN_DIR" <<'EOF'
 import json, os, sys
 from transformers import AutoTokenizer
-from medgpt_ds.data.templates import get_chat_template, stop_token_ids
+from medgpt_ds.data.templates import turn_terminators
 
 model, out = sys.argv[1], sys.argv[2]
 tok = AutoTokenizer.from_pretrained(model)
@@ -53,7 +53,7 @@ gen_path = os.path.join(model, "generation_config.json")
 gen = json.load(open(gen_path, encoding="utf-8")) if os.path.isfile(gen_path) else {}
 eos = gen.get("eos_token_id")
 eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-added = [i for i in stop_token_ids(tok, get_chat_template(None, tok)) if i not in eos]
+added = [i for i in turn_terminators(tok)[0] if i not in eos]
 gen["eos_token_id"] = eos + added
 json.dump(gen, open(os.path.join(out, "generation_config.json"), "w"), indent=2)
 names = ", ".join(tok.convert_ids_to_tokens(gen["eos_token_id"]))

@@ -6,9 +6,12 @@
     python tools/zero_to_hf.py --checkpoint_dir outputs/sft-lora --output_dir hf/sft-merged --merge_lora --verify
 
 Full models -> sharded model*.safetensors (+ index), config.json, generation_config.json and the
-tokenizer with its chat template. LoRA runs -> a PEFT adapter (PeftModel.from_pretrained(base, dir))
-or, with --merge_lora, full merged weights. Reward/value models keep their score head. Weights are
-written one shard at a time: peak memory stays near one shard (--max_shard_size) plus overhead.
+tokenizer with its chat template, in the layout save_pretrained writes and vLLM / transformers 4 read
+(a MoE layer's experts as per-expert weights, a Gemma3 composite as language_model.model.*). LoRA
+runs -> a PEFT adapter (PeftModel.from_pretrained(base, dir)) or, with --merge_lora, full merged
+weights. Reward/value models keep their score head (a PPO critic: --model_kind value --base_model).
+Weights are written tensor by tensor: peak memory stays near one tensor (one layer's experts for a
+MoE) plus overhead.
 """
 from __future__ import annotations
 

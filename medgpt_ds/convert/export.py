@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from medgpt_ds.convert.layout import to_hub_layout
 from medgpt_ds.convert.hf_meta import META_DIR, META_FILE, META_VERSION, MODEL_KINDS, canonical_dtype, read_hf_meta
 from medgpt_ds.convert.plans import build_model, load_config, plan_adapter, plan_full, plan_merged
 from medgpt_ds.convert.verify import verify_export
@@ -31,7 +32,7 @@ def write_generation_config(src_dir: str | None, config: Any, output_dir: str) -
     already in ``output_dir``."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from medgpt_ds.data.templates import stop_token_ids
+    from medgpt_ds.generation import stop_at_end_of_turn
 
     if src_dir and os.path.isfile(os.path.join(src_dir, "generation_config.json")):
         gen = GenerationConfig.from_pretrained(src_dir)
@@ -41,12 +42,7 @@ def write_generation_config(src_dir: str | None, config: Any, output_dir: str) -
         tokenizer = AutoTokenizer.from_pretrained(output_dir)
     except (OSError, ValueError):
         tokenizer = None
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-        ids = [i for i in eos if i is not None] + stop_token_ids(tokenizer, tokenizer.chat_template)
-        gen.eos_token_id = list(dict.fromkeys(ids))
-        if gen.pad_token_id is None:
-            gen.pad_token_id = tokenizer.pad_token_id
+    stop_at_end_of_turn(gen, tokenizer)
     gen.save_pretrained(output_dir)
 
 
@@ -123,6 +119,9 @@ def export_checkpoint(
             raise CheckpointError(f"{tag_dir} has no {META_DIR}/ (not written by medgpt-ds): pass --base_model "
                                   "to take the config and tokenizer from the model the run started from")
         config = load_config(base_model)
+        if (model_kind or "causal_lm") != "causal_lm":  # a reward / value head on the base model's config
+            config.num_labels = 1
+            config.architectures = None
         meta = {"format_version": META_VERSION, "model_kind": model_kind or "causal_lm", "use_peft": False,
                 "base_model": base_model, "torch_dtype": canonical_dtype(getattr(config, "dtype", None) or "fp32")}
     kind_of_model = model_kind or meta["model_kind"]
@@ -146,6 +145,10 @@ def export_checkpoint(
             "base model's embeddings before PeftModel.from_pretrained")
 
     ckpt = ZeroCheckpoint(tag_dir, trust=trust_checkpoint)
+    if kind_of_model == "value" and not os.path.isdir(meta_dir):
+        # the PPO critic as ppo.py builds it: one label, no dropout, a score bias only if it has one
+        config.classifier_dropout = 0.0
+        config.token_classification_bias = any(n.endswith("score.bias") for n in ckpt.names)
     adapter_name = meta.get("adapter_name") or "default"
     model = build_model(config, kind_of_model, peft_config, adapter_name)
     if peft_config is None:
@@ -155,6 +158,8 @@ def export_checkpoint(
     else:
         kind, weights_name = "adapter", "adapter_model"
         entries = plan_adapter(ckpt, model, adapter_name, save_embedding_layers)
+    if kind != "adapter":  # the names and per-expert tensors save_pretrained writes (and vLLM reads)
+        entries = to_hub_layout(entries, model if peft_config is None else build_model(config, kind_of_model))
     log(f"{tag_dir}: ZeRO-{ckpt.stage}, world size {ckpt.world_size}, {kind_of_model}"
         f"{' + LoRA' if peft_config is not None else ''} -> {kind} export, {len(entries)} tensors, {out_dtype_name}")
 
@@ -179,6 +184,7 @@ def export_checkpoint(
         cfg.save_pretrained(output_dir)
     else:
         config = copy.deepcopy(config)
+        config.architectures = [type(model.get_base_model() if peft_config is not None else model).__name__]
         config.dtype = out_dtype_name
         config.save_pretrained(output_dir)
         if kind_of_model == "causal_lm":

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from medgpt_ds.convert.export import ExportResult, prepare_output_dir, write_generation_config
+from medgpt_ds.convert.layout import HubReader, to_hub_layout
 from medgpt_ds.convert.hf_meta import META_FILE, META_VERSION, canonical_dtype
 from medgpt_ds.convert.plans import build_model, load_config, plan_merged, tied_duplicates
 from medgpt_ds.convert.verify import verify_merge
@@ -56,21 +57,24 @@ def _safetensors_index(folder: str, stem: str) -> dict[str, str]:
 
 
 class LoraFolders:
-    """A base model folder (safetensors) and a PEFT adapter folder, read lazily and addressed by the
-    PeftModel's own state_dict keys, so the DeepSpeed-checkpoint plans (plan_merged) apply as is."""
+    """A base model folder (safetensors, in the hub layout: see ``layout``) and a PEFT adapter folder,
+    read lazily and addressed by the PeftModel's own state_dict keys, so the DeepSpeed-checkpoint plans
+    (plan_merged) apply as is. ``base_model`` is the plain model (no LoRA) the base folder holds."""
 
-    def __init__(self, base_dir: str, adapter_dir: str, peft_model: torch.nn.Module, adapter_name: str):
+    def __init__(self, base_dir: str, adapter_dir: str, peft_model: torch.nn.Module, adapter_name: str,
+                 base_model: torch.nn.Module):
         from peft import get_peft_model_state_dict
-        from safetensors import safe_open
 
-        base = _safetensors_index(base_dir, "model")
-        if not base:
+        self.base_files = _safetensors_index(base_dir, "model")
+        if not self.base_files:
             raise PathNotFound(f"{base_dir}: no model*.safetensors (convert .bin weights with "
-                                    "transformers' save_pretrained(safe_serialization=True) first)")
+                               "transformers' save_pretrained(safe_serialization=True) first)")
         adapter = _safetensors_index(adapter_dir, "adapter_model")
         if not adapter:
             raise PathNotFound(f"{adapter_dir}: no adapter_model.safetensors")
-        self.loc: dict[str, tuple[str, str]] = {}
+        shapes, dtypes = _headers(self.base_files)
+        self.base = HubReader(shapes, dtypes, base_model)  # hub names -> the model's own
+        self.loc: dict[str, tuple[str, str]] = {}  # key -> (adapter file, its key) | ("", base model key)
         self.sources: dict[str, TensorSource] = {}
         self.aliases: dict[str, str] = {}
         placeholders = {k: torch.empty(v.shape, device="meta") for k, v in peft_model.state_dict().items()}
@@ -81,6 +85,7 @@ class LoraFolders:
                                               save_embedding_layers=False)
         owned = {back[id(t)]: k for k, t in saved.items()}  # model key -> adapter file key
         dups = tied_duplicates(peft_model)
+        adapter_shapes, adapter_dtypes = _headers(adapter)
         for key in placeholders:
             if key in dups:
                 continue
@@ -88,15 +93,14 @@ class LoraFolders:
                 self.loc[key] = (adapter[owned[key]], owned[key])
             elif key in adapter:  # e.g. resized embeddings saved whole in the adapter
                 self.loc[key] = (adapter[key], key)
-            else:
-                base_key = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
-                base_key = base_key.replace(".original_module.", ".")
-                if base_key in base:
-                    self.loc[key] = (base[base_key], base_key)
-        for key, (path, k) in self.loc.items():
-            with safe_open(path, framework="pt") as f:
-                sl = f.get_slice(k)
-                self.sources[key] = TensorSource("hf", torch.Size(sl.get_shape()), _ST_TORCH[sl.get_dtype()])
+            else:  # a base weight: the name without peft's prefix and (nested) wrapper levels
+                base_key = re.sub(r"\.(base_layer|original_module)(?=\.)", "", key.removeprefix("base_model.model."))
+                if base_key in self.base:
+                    self.loc[key] = ("", base_key)
+                    self.sources[key] = TensorSource("hf", self.base.shapes[base_key], self.base.dtypes[base_key])
+                continue
+            _, k = self.loc[key]
+            self.sources[key] = TensorSource("hf", adapter_shapes[k], adapter_dtypes[k])
         self.names = list(self.loc)
         self.trainable = {k for k in self.loc if k in owned}
 
@@ -112,7 +116,22 @@ class LoraFolders:
     def tensor(self, name: str, files: _SafeFiles) -> torch.Tensor:
         path, key = self.loc[name]
         files.touched += self.sources[name].shape.numel() * self.sources[name].dtype.itemsize
-        return files.get(path, key)
+        if path:
+            return files.get(path, key)
+        return self.base.tensor(key, lambda k: files.get(self.base_files[k], k))
+
+
+def _headers(index: dict[str, str]) -> tuple[dict[str, torch.Size], dict[str, torch.dtype]]:
+    """Shapes and dtypes of every tensor of a safetensors index, from the file headers only."""
+    from safetensors import safe_open
+
+    shapes, dtypes = {}, {}
+    for path in sorted(set(index.values())):
+        with safe_open(path, framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                shapes[k], dtypes[k] = torch.Size(sl.get_shape()), _ST_TORCH[sl.get_dtype()]
+    return shapes, dtypes
 
 
 def check_adapter_fits_base(adapter_dir: str, base_model: torch.nn.Module, base_name: str) -> None:
@@ -124,7 +143,8 @@ def check_adapter_fits_base(adapter_dir: str, base_model: torch.nn.Module, base_
         m = re.match(r"^base_model\.model\.(.+)\.lora_(A|B|embedding_A|embedding_B)(?:\.weight)?$", key)
         if not m:
             continue
-        module_name, which = m.group(1), m.group(2)
+        # peft nests one wrapper per adapted stacked weight: experts.base_layer.lora_A adapts experts
+        module_name, which = re.sub(r"\.base_layer(?=\.|$)", "", m.group(1)), m.group(2)
         try:
             module = base_model.get_submodule(module_name)
         except AttributeError:
@@ -206,10 +226,11 @@ def merge_lora_folders(
             if rows != config.get_text_config().vocab_size:
                 log(f"adapter carries resized embeddings: vocab {config.get_text_config().vocab_size} -> {rows}")
                 config.get_text_config().vocab_size = rows
-    check_adapter_fits_base(adapter_dir, build_model(config, kind_of_model), base_model)
+    plain = build_model(config, kind_of_model)
+    check_adapter_fits_base(adapter_dir, plain, base_model)
     peft_model = build_model(config, kind_of_model, peft_config)
-    source = LoraFolders(base_model, adapter_dir, peft_model, "default")
-    entries = plan_merged(source, peft_model, "default")
+    source = LoraFolders(base_model, adapter_dir, peft_model, "default", plain)
+    entries = to_hub_layout(plan_merged(source, peft_model, "default"), plain)
     log(f"{base_model} + {adapter_dir} ({kind_of_model}) -> merged, {len(entries)} tensors, {out_dtype_name}")
 
     os.makedirs(output_dir, exist_ok=True)

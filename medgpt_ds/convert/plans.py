@@ -3,6 +3,7 @@ adapter, or LoRA merged into the base one layer at a time), checked against the 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -30,22 +31,47 @@ def load_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def model_class(arch: str | None, model_kind: str):
+def model_class(arch: str | None, model_kind: str, config: Any = None):
+    """The transformers class of a checkpoint: its recorded architecture when that is a transformers
+    class of the right kind, else the kind's Auto class (reward: one score per sequence) or, for the
+    PPO critic's per-token value head, ``medgpt_ds.model.value_model_class`` (ours where transformers
+    has no token classifier for the model type, e.g. qwen3_5_text, gemma3_text)."""
     import transformers
 
-    if arch and hasattr(transformers, arch):
+    suffix = {"causal_lm": "", "reward": "ForSequenceClassification", "value": "ForTokenClassification"}[model_kind]
+    if arch and hasattr(transformers, arch) and arch.endswith(suffix):
         return getattr(transformers, arch)
-    # reward: one score per sequence; value (PPO critic): one value per token.
+    if model_kind == "value" and config is not None:
+        from medgpt_ds.model import value_model_class
+
+        return value_model_class(config)
     return {"causal_lm": transformers.AutoModelForCausalLM,
             "reward": transformers.AutoModelForSequenceClassification,
             "value": transformers.AutoModelForTokenClassification}[model_kind]
 
 
+def native_adapter(model: torch.nn.Module, peft_config: Any) -> bool:
+    """Whether ``peft_config`` names ``model``'s transformers-5 modules and parameters as they are (every
+    adapter this trainer writes: full module names, stacked experts as target_parameters), so peft's
+    transformers-4 MoE rewrite must stay off (``medgpt_ds.model.v5_native_peft``). An adapter of
+    transformers-4 era names that are not linear layers here keeps peft's rewrite (as
+    ``medgpt_ds.model.load_adapter`` decides)."""
+    if getattr(peft_config, "target_parameters", None):
+        return True
+    targets = getattr(peft_config, "target_modules", None) or []
+    if isinstance(targets, str):
+        return False
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return all(t in linear or any(n.endswith("." + t) for n in linear) for t in targets)
+
+
 def build_model(config: Any, model_kind: str, peft_config: Any = None, adapter_name: str = "default",
                 device: str = "meta") -> torch.nn.Module:
     """The model the checkpoint was saved from, built from its config (on ``device``, no weights)."""
+    from contextlib import nullcontext
+
     arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = model_class(arch, model_kind)
+    cls = model_class(arch, model_kind, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device(device):
@@ -53,8 +79,10 @@ def build_model(config: Any, model_kind: str, peft_config: Any = None, adapter_n
             if peft_config is not None:
                 from peft import get_peft_model
 
-                peft_config = copy.deepcopy(peft_config)
-                model = get_peft_model(model, peft_config, adapter_name=adapter_name)
+                from medgpt_ds.model import v5_native_peft
+
+                with v5_native_peft() if native_adapter(model, peft_config) else nullcontext():
+                    model = get_peft_model(model, copy.deepcopy(peft_config), adapter_name=adapter_name)
     return model
 
 
@@ -125,53 +153,80 @@ def plan_adapter(ckpt: ZeroCheckpoint, peft_model: torch.nn.Module, adapter_name
     return [_source_entry(ckpt, k, back[id(t)]) for k, t in adapter_sd.items()]
 
 
+def _innermost(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """The layer under a (possibly nested) LoRA wrapper and its module path."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    while isinstance(module, BaseTunerLayer):
+        module, name = module.base_layer, f"{name}.base_layer"
+    return module, name
+
+
 def plan_merged(ckpt: ZeroCheckpoint, peft_model: torch.nn.Module, adapter_name: str) -> list[Entry]:
-    """LoRA merged into the base weights, one LoRA layer at a time with PEFT's own ``merge``."""
+    """LoRA merged into the base weights, one LoRA layer at a time with PEFT's own ``merge``.
+
+    A stacked expert weight is merged by the wrapper that adapts it: peft nests one ``ParamWrapper``
+    per adapted parameter of a module (``experts`` around ``experts.base_layer``), and each merges only
+    its own parameter."""
+    from peft.tuners.lora import ParamWrapper
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     prefix = "base_model.model."
     merged_meta = copy.deepcopy(peft_model).merge_and_unload()
     expected = _expected_keys(merged_meta)
-    handled: dict[str, tuple[str, str]] = {}  # out key -> (kind, peft module name)
+    handled: dict[str, tuple[str, str, str]] = {}  # out key -> ("lora", peft module, param) | ("copy", source, "")
     for name, module in peft_model.named_modules():
         if not name.startswith(prefix):
             continue
-        out_prefix = name[len(prefix):]
+        out_prefix = re.sub(r"\.base_layer(?=\.|$)", "", name[len(prefix):])
         if isinstance(module, BaseTunerLayer):
-            for pname, _ in module.get_base_layer().named_parameters():
-                handled[f"{out_prefix}.{pname}"] = ("lora", name)
+            base, base_name = _innermost(module, name)
+            for pname, _ in base.named_parameters():
+                key = f"{out_prefix}.{pname}"
+                if not isinstance(module, ParamWrapper):
+                    handled[key] = ("lora", name, pname)
+                elif pname == module.parameter_name:
+                    handled[key] = ("lora", name, pname)
+                else:  # adapted by another wrapper of the nest, or by none
+                    handled.setdefault(key, ("copy", f"{base_name}.{pname}", ""))
         elif isinstance(module, AuxiliaryTrainingWrapper):
             inner = f"{name}.modules_to_save.{adapter_name}"
             for pname, _ in module.get_submodule(f"modules_to_save.{adapter_name}").named_parameters():
-                handled[f"{out_prefix}.{pname}"] = ("copy", f"{inner}.{pname}")
+                handled[f"{out_prefix}.{pname}"] = ("copy", f"{inner}.{pname}", "")
 
     entries = []
     for key, shape in expected.items():
-        kind, src = handled.get(key, ("copy", prefix + key))
+        kind, src, param = handled.get(key, ("copy", prefix + key, ""))
         if kind == "copy":
             if src not in ckpt.sources and src not in ckpt.aliases:
                 continue  # reported by _check_against
             entries.append(_source_entry(ckpt, key, src))
         else:
-            param = key[len(src) - len(prefix) + 1:]
             entries.append(Entry(key, shape, torch.float32,
-                                  lambda files, m=src, p=param: _merged_param(ckpt, peft_model, m, p,
-                                                                              adapter_name, files)))
+                                 lambda files, m=src, p=param: _merged_param(ckpt, peft_model, m, p,
+                                                                             adapter_name, files)))
     _check_against(expected, entries, "the base model with the adapter merged")
     return entries
 
 
 def _merged_param(ckpt: ZeroCheckpoint, peft_model: torch.nn.Module, module_name: str, param: str,
                   adapter_name: str, files: OpenFiles) -> torch.Tensor:
-    """Materialize one LoRA layer (base weight + A/B) in fp32, merge it with PEFT, return ``param``."""
+    """Materialize one LoRA layer (base weight + A/B) in fp32, merge it with PEFT, return ``param``.
+    A ``ParamWrapper`` reads only its own A/B and the one stacked weight it adapts."""
+    from peft.tuners.lora import ParamWrapper
+
     cache = files.__dict__.setdefault("_merged", {})
     if module_name not in cache:
         module = copy.deepcopy(peft_model.get_submodule(module_name))
-        names = [n for n in module.state_dict()]
+        names = list(module.state_dict())
+        if isinstance(module, ParamWrapper):
+            _, base_name = _innermost(module, "")
+            names = [n for n in names if not n.startswith("base_layer.")]
+            names.append(f"{base_name[1:]}.{module.parameter_name}")
         sd = {n: ckpt.tensor(f"{module_name}.{n}", files).float() for n in names}
-        module.load_state_dict(sd, assign=True, strict=True)
+        module.load_state_dict(sd, assign=True, strict=not isinstance(module, ParamWrapper))
         module.merge(adapter_names=[adapter_name])
         cache.clear()  # one layer at a time
-        cache[module_name] = dict(module.get_base_layer().named_parameters())
+        cache[module_name] = dict(_innermost(module, "")[0].named_parameters())
     return cache[module_name][param].detach()

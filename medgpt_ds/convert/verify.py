@@ -87,9 +87,9 @@ def verify_export(output_dir: str, tag_dir: str, *, base_model: str | None = Non
             p.data = p.data.to(getattr(torch, export["dtype"])).float()
     ref.eval()
 
-    cls = model_class((config.architectures or [None])[0], kind_of_model)
+    cls = model_class((config.architectures or [None])[0], kind_of_model, config)
     if export["kind"] == "adapter":
-        from peft import PeftModel
+        from medgpt_ds.model import load_adapter
 
         if not base_model:
             raise CheckpointError("--verify of an adapter export needs the base model (--base_model)")
@@ -97,9 +97,9 @@ def verify_export(output_dir: str, tag_dir: str, *, base_model: str | None = Non
         vocab = config.get_text_config().vocab_size
         if base.get_input_embeddings().weight.shape[0] != vocab:
             base.resize_token_embeddings(vocab)
-        got = PeftModel.from_pretrained(base, output_dir, adapter_name=adapter_name)
-    else:
-        got = cls.from_pretrained(output_dir, dtype=torch.float32)
+        got = load_adapter(base, output_dir, adapter_name=adapter_name)
+    else:  # with its own config: our value head's class would read it as its base class's config type
+        got = cls.from_pretrained(output_dir, config=load_config(output_dir), dtype=torch.float32)
     got.eval()
 
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
@@ -124,19 +124,23 @@ def verify_export(output_dir: str, tag_dir: str, *, base_model: str | None = Non
 def verify_merge(output_dir: str, base_model: str, adapter_dir: str, model_kind: str,
                  prompts: tuple[str, ...] = DEFAULT_PROMPTS, log: Callable[[str], None] = print) -> dict:
     """Merged folder vs PeftModel.from_pretrained(base, adapter) (PEFT's own, unmerged), in fp32."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    cls = model_class(None, model_kind)
-    kw = {"num_labels": 1} if model_kind != "causal_lm" else {}
-    got = cls.from_pretrained(output_dir, dtype=torch.float32).eval()
-    base = cls.from_pretrained(base_model, dtype=torch.float32, **kw)
+    from medgpt_ds.model import load_adapter
+
+    config = AutoConfig.from_pretrained(output_dir)
+    cls = model_class((config.architectures or [None])[0], model_kind, config)
+    got = cls.from_pretrained(output_dir, config=config, dtype=torch.float32).eval()
+    base_config = AutoConfig.from_pretrained(base_model)
+    if model_kind != "causal_lm":
+        base_config.num_labels = 1
+    base = cls.from_pretrained(base_model, config=base_config, dtype=torch.float32)
     vocab = got.get_input_embeddings().weight.shape[0]
     if base.get_input_embeddings().weight.shape[0] != vocab:
         base.resize_token_embeddings(vocab)
     if model_kind != "causal_lm":
         base.config.pad_token_id = got.config.pad_token_id
-    ref = PeftModel.from_pretrained(base, adapter_dir).eval()
+    ref = load_adapter(base, adapter_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     diffs, scale = [], 1.0
     for ids in _probe_inputs(tokenizer, prompts):

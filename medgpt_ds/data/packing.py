@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from medgpt_ds.logprobs import IGNORE_INDEX
 
 
 def chunk_documents(docs: list[list[int]], block_size: int,

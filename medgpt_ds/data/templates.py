@@ -20,7 +20,9 @@ import json
 import re
 
 from medgpt_ds.errors import UserError
+from medgpt_ds.logprobs import IGNORE_INDEX
 
+_SENTINEL = "\u2063MEDGPT_SENTINEL\u2063"  # reply text no tokenizer merges with its neighbours
 _VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                   "The assistant gives helpful, detailed, and polite answers to the user's "
                   "questions.")
@@ -160,12 +162,11 @@ def get_chat_template(name: str | None, tokenizer) -> str:
         if isinstance(template, dict):  # tokenizers with several named templates
             template = template.get("default")
         if not template:
-            raise UserError("the tokenizer has no chat_template; pass --template_name with one "
-                             f"of: {names}")
+            raise UserError(f"the tokenizer has no chat_template; pass --template_name with one of: {names}")
         return template if _prefix_consistent(tokenizer, template) else _training_variant(tokenizer, template)
     if name not in TEMPLATES:
         raise UserError(f"unknown template_name {name!r}; known templates: {names} "
-                         "(or 'auto' for the tokenizer's own)")
+                        "(or 'auto' for the tokenizer's own)")
     return TEMPLATES[name]
 
 
@@ -484,11 +485,11 @@ def encode_conversation(tokenizer, chat_template: str, messages: list[dict], max
     if train_on_inputs:
         labels = list(ids)
     else:
-        labels = [t if inside else -100 for t, inside in zip(ids, _in_spans(offsets, spans))]
+        labels = [t if inside else IGNORE_INDEX for t, inside in zip(ids, _in_spans(offsets, spans))]
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     # The first label is never predicted (nothing precedes it), so it does not count.
-    if all(x == -100 for x in labels[1:]):
+    if all(x == IGNORE_INDEX for x in labels[1:]):
         return None
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
@@ -556,23 +557,34 @@ def _reply_only(tokenizer, chat_template: str, prompt: list[dict], reply: dict, 
     return tokenizer(text[start:end], add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def end_of_turn(tokenizer, chat_template: str) -> str:
-    """The text a template puts after an assistant reply (e.g. "<|im_end|>\\n", "</s>")."""
-    marker = "\x00REPLY\x00"
-    text, spans = render_with_spans(
-        tokenizer, chat_template,
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}])
-    start, end = spans[-1]
-    return text[start:end].split(marker, 1)[1]
+def end_of_turn(tokenizer, chat_template: str | None = None) -> str:
+    """The text a template (default: the tokenizer's own) puts right after an assistant reply, e.g.
+    "<|im_end|>\\n" or "</s>": a reply rendered as a sentinel, and what follows it."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}],
+                                         chat_template=chat_template, tokenize=False)
+    return text.split(_SENTINEL, 1)[1] if _SENTINEL in text else ""
 
 
-def stop_token_ids(tokenizer, chat_template: str) -> list[int]:
-    """Token ids that end a generated reply: eos, plus the template's end-of-turn token when
-    it is a single token (``<|im_end|>`` for chatml/qwen with a base tokenizer's eos)."""
-    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+def turn_terminators(tokenizer, chat_template: str | None = None,
+                     eos_token_id: int | list[int] | None = None) -> tuple[list[int], list[str]]:
+    """What ends a generated assistant turn: (stop token ids, stop strings).
+
+    The ids are the tokenizer's eos, ``eos_token_id`` (e.g. a generation config's own) and the
+    template's end-of-turn marker when it is one special or added token (``<|im_end|>``,
+    ``<|eot_id|>``, ``</s>``); a marker that is plain text (several tokens, e.g. ``### Human:``) is a
+    stop string instead. The marker is what the template (``chat_template``, default the
+    tokenizer's own) renders right after an assistant reply. Every generation uses this: rollouts,
+    chat and serving, and the exported generation_config.json.
+    """
+    ids: list[int] = []
+    for group in (tokenizer.eos_token_id, eos_token_id):
+        for i in group if isinstance(group, (list, tuple)) else [group]:
+            if i is not None and i not in ids:
+                ids.append(i)
     marker = end_of_turn(tokenizer, chat_template).strip()
-    if marker:
-        enc = tokenizer(marker, add_special_tokens=False)["input_ids"]
-        if len(enc) == 1 and enc[0] not in ids:
-            ids.append(enc[0])
-    return ids
+    if not marker:
+        return ids, []
+    enc = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    if len(enc) == 1 and marker in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
+        return ids + [t for t in enc if t not in ids], []
+    return ids, [marker]

@@ -34,7 +34,7 @@ from medgpt_ds.data.pairs import PairCollator, load_pairs, pair_logps
 from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.errors import UserError
 from medgpt_ds.losses import DPO_LOSS_TYPES, dpo_loss
-from medgpt_ds.model import count_parameters, load_model, load_tokenizer, resolve_dtype, set_zero3_init
+from medgpt_ds.model import count_parameters, load_model, load_tokenizer, resolve_dtype
 from medgpt_ds.sequence_parallel import ShardCollator
 
 REFERENCES = ("auto", "model", "adapter", "precomputed")
@@ -72,7 +72,6 @@ def build_reference(cfg, a: Arguments, tokenizer, ds_config: dict):
     frozen = eng.frozen_ds_config(ds_config, offload_params=a.ref_offload)
     if a.ref_offload and eng.zero_stage(ds_config) != 3:
         dist.print0("warning: --ref_offload only applies under ZeRO-3; the reference stays on the device")
-    set_zero3_init(frozen)
     margs = dataclasses.replace(cfg.model, model_name_or_path=a.ref_model_name_or_path or cfg.model.model_name_or_path,
                                 model_config=None if a.ref_model_name_or_path else cfg.model.model_config)
     targs = dataclasses.replace(cfg.train, gradient_checkpointing=False, neft_alpha=0.0)
@@ -81,9 +80,7 @@ def build_reference(cfg, a: Arguments, tokenizer, ds_config: dict):
     model = load_model(margs, targs, largs, tokenizer, frozen)
     if dist.sp_size() > 1:
         sequence_parallel.check_model(model)
-    ref = eng.init_frozen_engine(model, frozen)
-    set_zero3_init(ds_config)
-    return ref
+    return eng.init_frozen_engine(model, frozen)
 
 
 def _files_stamp(path: Optional[str]) -> list:
@@ -161,7 +158,7 @@ def run(cfg) -> loop.TrainState:
     reference = a.reference if a.reference != "auto" else ("adapter" if cfg.lora.use_peft else "model")
     if reference == "adapter" and not cfg.lora.use_peft:
         raise UserError("--reference adapter disables the LoRA adapter for the reference: add --use_peft "
-                         "(or use --reference model / precomputed)")
+                        "(or use --reference model / precomputed)")
     dist.init(t.ddp_timeout)
     dist.init_sequence_parallel(t.sequence_parallel_size)
     dist.announce()
@@ -177,7 +174,6 @@ def run(cfg) -> loop.TrainState:
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
-    set_zero3_init(ds_config)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config)
     long_context.prepare_model(model, t)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)

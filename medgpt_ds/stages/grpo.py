@@ -15,20 +15,26 @@ Data: MedicalGPT's `question`/`answer` records, `prompt`/`answer`, or sft conver
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
-from medgpt_ds import checkpoint, dist, engine as eng, loop
+from medgpt_ds import checkpoint, dist, engine as eng, generation, rl
+from medgpt_ds.advantages import group_advantages
+from medgpt_ds.config import RolloutArguments
+from medgpt_ds.convert import write_hf_meta
+from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.logprobs import entropy_from_logits
 from medgpt_ds.losses import GRPO_LOSS_TYPES, grpo_loss
-from medgpt_ds.metrics import MetricsLogger
-from medgpt_ds.rollout import RLSetup, RolloutArguments, chunked, global_sums, group_advantages, policy_logprobs
+from medgpt_ds.model import load_tokenizer
+from medgpt_ds.run_state import RunState, TrainState, debug_fault
+from medgpt_ds.scoring import in_chunks, policy_logprobs, reference_logprobs, sequence_rewards
 
 LOSS_ALIASES = {"sequence": "grpo", "token": "bnpo"}
 
@@ -66,130 +72,137 @@ class Arguments(RolloutArguments):
             raise ValueError("--beta must be >= 0 and --epsilon / --epsilon_high > 0")
 
 
-def run(cfg) -> Optional[loop.TrainState]:
-    t, a = cfg.train, cfg.stage_args or Arguments()
+def run(cfg) -> Optional[TrainState]:
+    t, d, a = cfg.train, cfg.data, cfg.stage_args or Arguments()
     micro, ga, G = t.per_device_train_batch_size, t.gradient_accumulation_steps, a.num_generations
-    r = RLSetup(cfg, a, default_prompts_per_rank=micro * ga // math.gcd(micro * ga, G), samples_per_prompt=G)
-    set_seed(t.seed)
-    world = dist.world_size()
-    n_prompts = r.prompts_per_rank
-    minibatches = n_prompts * G // (micro * ga)
-    total_updates = r.total_steps * a.num_iterations * minibatches
-    need_old = a.num_iterations > 1 or minibatches > 1  # else the update is on-policy: ratio = 1 exactly
 
-    ds_config = eng.build_ds_config(cfg, hidden_size=r.hidden_size, num_training_steps=total_updates)
-    actor, ref, _ = r.build_engines(ds_config, total_updates, need_reference=a.beta != 0)
+    # 1. setup: checks, tokenizer, prompts, batch arithmetic, rewards, sampling
+    policy_path = rl.check_model_paths(cfg, a)
+    dist.init(t.ddp_timeout)
+    dist.announce()
+    model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    generation.check_backend(a.rollout_backend, model_type=model_config.model_type, device_type=dist.device().type,
+                             use_peft=cfg.lora.use_peft)
+    resume = checkpoint.prepare_output_dir(cfg)
+    model_args = dataclasses.replace(cfg.model, model_name_or_path=policy_path)
+    tokenizer = load_tokenizer(model_args)
+    tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
+    items = rl.load_prompts(d, tokenizer, t.seed, t.output_dir)
+    world = dist.world_size()
+    n_prompts = a.rollout_batch_size or micro * ga // math.gcd(micro * ga, G)
+    steps_per_epoch, total_steps = rl.prompt_steps(cfg, len(items), n_prompts, G)
+    minibatches = n_prompts * G // (micro * ga)
+    total_updates = total_steps * a.num_iterations * minibatches
+    need_old = a.num_iterations > 1 or minibatches > 1  # else the update is on-policy: ratio = 1 exactly
+    reward_fns = rl.reward_functions(a, t.stage)
+    params = rl.sampling_params(a, tokenizer)
+    set_seed(t.seed)
+
+    # 2. engines: actor (trained), reference and reward model (frozen), rollout backend
+    ds_config = eng.build_ds_config(cfg, hidden_size=getattr(model_config, "hidden_size", None),
+                                    num_training_steps=total_updates)
+    generation.patch_ds_config(a.rollout_backend, ds_config, d.max_source_length + a.max_new_tokens)
+    zero3 = eng.zero_stage(ds_config) == 3
+    if a.offload_frozen and not zero3:
+        dist.print0("warning: --offload_frozen needs ZeRO-3 (parameter offload); frozen models stay on the device")
+    actor = rl.load_actor(cfg, model_args, tokenizer, ds_config, total_updates)
+    frozen_config = eng.frozen_ds_config(ds_config, offload_params=a.offload_frozen)
+    ref = reward_engine = None
+    if a.beta != 0 and (a.ref_model_path or not cfg.lora.use_peft):  # LoRA: the actor without its adapter
+        ref = rl.load_frozen(cfg, a.ref_model_path or policy_path, AutoModelForCausalLM, tokenizer, frozen_config)
+    if a.reward_model_path:
+        reward_engine = rl.load_frozen(cfg, a.reward_model_path, AutoModelForSequenceClassification, tokenizer,
+                                       frozen_config)
+    backend = generation.make_backend(a.rollout_backend, actor, tokenizer, params, zero3=zero3, args=a)
     dist.print0(f"grpo: {n_prompts} prompts x {G} responses per rank per step ({n_prompts * world * G} in all), "
                 f"{minibatches} minibatch(es) x {a.num_iterations} iteration(s) per step, loss {a.loss_type}")
 
-    r.seed_rollouts()
-    state = loop.TrainState()
-    if r.resume:
-        saved = checkpoint.load(actor, r.resume, load_universal=t.load_universal)
-        state = loop.TrainState(**{k: v for k, v in saved.items() if k in loop.TrainState.__dataclass_fields__})
-        dist.print0(f"resumed from {r.resume} at step {state.global_step} (epoch {state.epoch}, prompt batch "
-                    f"{state.step_in_epoch} of {r.steps_per_epoch})")
-    logger = MetricsLogger(t.output_dir, t.report_to, t.logging_dir, r.total_steps, state.global_step)
-    stopper = loop.StopSignal(os.path.join(t.output_dir, ".stop"))
-    temperature = r.params.logit_temperature
-    window: dict[str, float] = {}
+    def hf_meta(tag_dir: str) -> None:
+        write_hf_meta(tag_dir, actor.module, tokenizer, model_kind="causal_lm", base_model=policy_path,
+                      torch_dtype=str(next(actor.module.parameters()).dtype))
 
-    def ref_logprobs(g):
-        if ref is None:  # LoRA: the reference is the actor without its adapter
-            with actor.module.disable_adapter():
-                return policy_logprobs(actor, g, temperature)[0]
-        return policy_logprobs(ref, g, temperature)[0]
+    # ranks sample from their own streams (same-seeded ranks would draw the same tokens for similar
+    # prompts); set after every model is built, before a resume restores each rank's stream
+    set_seed(t.seed + dist.rank())
+    run_state = RunState(cfg, actor, tokenizer, ds_config=ds_config, total_steps=total_steps,
+                         steps_per_epoch=steps_per_epoch, resume_dir=resume, hf_meta=hf_meta,
+                         export_name="actor")
+    state = run_state.resume()
+    temperature = params.logit_temperature
 
-    def save() -> None:
-        checkpoint.save(actor, t.output_dir, state.to_dict(), run_config=cfg.to_dict(), ds_config=ds_config,
-                        hf_meta=r.hf_meta(actor), save_total_limit=t.save_total_limit)
-
-    last_saved = state.global_step if r.resume else -1
+    # 3. loop: rollout, score, update
     actor.train()
-    while state.global_step < r.total_steps:
-        loop._debug_fault(state.global_step + 1)
-        # 1. rollout: the G responses of a prompt are adjacent rows on the same rank
-        t0 = time.perf_counter()
-        prompts = r.prompts_for(state.epoch, state.step_in_epoch)
-        gen = r.backend.generate([p["prompt_ids"] for p in prompts for _ in range(G)])
-        t1 = time.perf_counter()
+    with closing(backend):
+        while state.global_step < total_steps:
+            debug_fault(state.global_step + 1)
+            # rollout: the G responses of a prompt are adjacent rows on the same rank
+            t0 = time.perf_counter()
+            prompts = rl.prompts_for(items, state.epoch, state.step_in_epoch, n_prompts, t.seed)
+            gen = backend.generate([p["prompt_ids"] for p in prompts for _ in range(G)])
+            t1 = time.perf_counter()
 
-        # 2. score: rewards, group advantages, old and reference log-probs
-        mask = gen.response_mask
-        score, parts = r.score(gen, [p["answer"] for p in prompts for _ in range(G)], micro)
-        advantages = group_advantages(score, G, scale_std=a.scale_rewards)  # (B,)
-        old_logps = chunked(lambda g: policy_logprobs(actor, g, temperature)[0], gen, micro) if need_old else None
-        ref_logps = chunked(ref_logprobs, gen, micro) if a.beta != 0 else None
-        t2 = time.perf_counter()
+            # score: rewards, group advantages, old and reference log-probs
+            mask = gen.response_mask
+            score, parts = sequence_rewards(gen, [p["answer"] for p in prompts for _ in range(G)], tokenizer,
+                                            reward_fns, reward_engine, a.reward_model_weight, micro)
+            advantages = group_advantages(score, G, scale_std=a.scale_rewards)  # (B,)
+            old_logps = in_chunks(lambda g: policy_logprobs(actor, g, temperature)[0], gen, micro) if need_old else None
+            ref_logps = (in_chunks(lambda g: reference_logprobs(actor, ref, g, temperature), gen, micro)
+                         if a.beta != 0 else None)
+            t2 = time.perf_counter()
 
-        # 3. train: num_iterations over shuffled minibatches of micro x grad_accum responses
-        sums: dict[str, float] = {}
-        loss_sum = 0.0
-        g = torch.Generator().manual_seed(t.seed * 1000003 + state.global_step)
-        for _ in range(a.num_iterations):
-            perm = torch.randperm(len(gen), generator=g)
-            for start in range(0, len(gen), micro * ga):
-                rows = perm[start:start + micro * ga]
-                tokens = dist.all_reduce_sum(mask[rows].sum().double().to(dist.device())).item()
-                # per-micro-batch normalisers that make the minibatch a global mean (losses.py docstring)
-                num_tokens, num_sequences = max(tokens, 1.0) / (world * ga), len(rows) / ga
-                for j in range(ga):
-                    idx = rows[j * micro:(j + 1) * micro]
-                    sub = gen.select(idx)
-                    logps, logits = policy_logprobs(actor, sub, temperature)
-                    loss, m = grpo_loss(logps, None if old_logps is None else old_logps[idx],
-                                        None if ref_logps is None else ref_logps[idx], advantages[idx],
-                                        sub.response_mask, beta=a.beta, eps_low=a.epsilon,
-                                        eps_high=a.epsilon_high or a.epsilon, loss_type=a.loss_type,
-                                        max_completion_length=a.max_new_tokens, num_tokens=num_tokens,
-                                        num_sequences=num_sequences)
-                    actor.backward(loss)
-                    actor.step()
-                    loss_sum += loss.item() / (world * ga)
-                    with torch.no_grad():
-                        entropy = entropy_from_logits(logits.detach(), sub.response_mask)
-                    n = float(sub.response_mask.sum())
-                    for k, v in {"entropy": entropy.sum().item() / max(n, 1.0), **m}.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * n
-                    sums["_tokens"] = sums.get("_tokens", 0.0) + n
-        t3 = time.perf_counter()
+            # train: num_iterations over shuffled minibatches of micro x grad_accum responses
+            sums: dict[str, float] = {}
+            loss_sum = 0.0
+            g = torch.Generator().manual_seed(t.seed * 1000003 + state.global_step)
+            for _ in range(a.num_iterations):
+                perm = torch.randperm(len(gen), generator=g)
+                for start in range(0, len(gen), micro * ga):
+                    rows = perm[start:start + micro * ga]
+                    tokens = dist.all_reduce_sum(mask[rows].sum().double().to(dist.device())).item()
+                    # per-micro-batch normalisers that make the minibatch a global mean (losses.py docstring)
+                    num_tokens, num_sequences = max(tokens, 1.0) / (world * ga), len(rows) / ga
+                    for j in range(ga):
+                        idx = rows[j * micro:(j + 1) * micro]
+                        sub = gen.select(idx)
+                        logps, logits = policy_logprobs(actor, sub, temperature)
+                        loss, m = grpo_loss(logps, None if old_logps is None else old_logps[idx],
+                                            None if ref_logps is None else ref_logps[idx], advantages[idx],
+                                            sub.response_mask, beta=a.beta, eps_low=a.epsilon,
+                                            eps_high=a.epsilon_high or a.epsilon, loss_type=a.loss_type,
+                                            max_completion_length=a.max_new_tokens, num_tokens=num_tokens,
+                                            num_sequences=num_sequences)
+                        actor.backward(loss)
+                        actor.step()
+                        loss_sum += loss.item() / (world * ga)
+                        with torch.no_grad():
+                            entropy = entropy_from_logits(logits.detach(), sub.response_mask)
+                        n = float(sub.response_mask.sum())
+                        for k, v in {"entropy": entropy.sum().item() / max(n, 1.0), **m}.items():
+                            sums[k] = sums.get(k, 0.0) + float(v) * n
+                        sums["_tokens"] = sums.get("_tokens", 0.0) + n
+                    backend.update_weights(actor.global_steps)
+            t3 = time.perf_counter()
 
-        # 4. bookkeeping: metrics over all ranks, checkpoint, stop signal
-        grouped = score.view(-1, G)
-        zero_std = (grouped.std(dim=1) < 1e-6).sum() if G > 1 else torch.tensor(0)
-        keys = sorted(k for k in sums if k != "_tokens")
-        tot = global_sums([len(gen), score.sum(), (score ** 2).sum(), mask.sum(), gen.has_eos.sum(), zero_std,
-                           loss_sum, sums["_tokens"]] + [sums[k] for k in keys] + [parts[k].sum() for k in sorted(parts)])
-        n_seq, n_tok = tot[0], tot[3]
-        steps_min = -dist.all_reduce_max(torch.tensor([-gen.steps], device=dist.device())).item()
-        steps_max = dist.all_reduce_max(torch.tensor([gen.steps], device=dist.device())).item()
-        rec = {"loss": tot[6] / (a.num_iterations * minibatches), "reward": tot[1] / n_seq,
-               "reward_std": math.sqrt(max(tot[2] / n_seq - (tot[1] / n_seq) ** 2, 0.0)),
-               "frac_reward_zero_std": tot[5] / (n_seq / G), "response_length": n_tok / n_seq,
-               "eos_fraction": tot[4] / n_seq, "generation_steps_min": steps_min, "generation_steps_max": steps_max}
-        rec.update({k: tot[8 + i] / tot[7] for i, k in enumerate(keys)})
-        rec.update({f"reward/{k}": tot[8 + len(keys) + i] / n_seq for i, k in enumerate(sorted(parts))})
-        rec.update(r.timing(t1 - t0, t2 - t1, t3 - t2))
-        rec["lr"] = actor.get_lr()[0]
-        state.global_step += 1
-        state.step_in_epoch += 1
-        state.consumed_items += n_prompts * world
-        if state.step_in_epoch >= r.steps_per_epoch:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        logger.advance()
-        for k, v in rec.items():
-            window[k] = window.get(k, 0.0) + v
-        window["_n"] = window.get("_n", 0) + 1
-        if state.global_step % t.logging_steps == 0 or state.global_step == r.total_steps:
-            logger.log(state.global_step, {k: v / window["_n"] for k, v in window.items() if k != "_n"})
-            window = {}
-        if t.save_steps and state.global_step % t.save_steps == 0:
-            save()
-            last_saved = state.global_step
-        if stopper.should_stop():
-            return r.preempt(state, save if last_saved != state.global_step else None, logger, stopper)
-
-    if last_saved != state.global_step:
-        save()
-    r.finish(actor, logger)
-    return state
+            # bookkeeping: metrics over all ranks (by name), log, checkpoint, stop signal
+            grouped = score.view(-1, G)
+            zero_std = (grouped.std(dim=1) < 1e-6).sum() if G > 1 else torch.tensor(0)
+            tot = dist.all_reduce_dict({"n_seq": len(gen), "score": score.sum(), "score_sq": (score ** 2).sum(),
+                                        "n_tok": mask.sum(), "eos": gen.has_eos.sum(), "zero_std": zero_std,
+                                        "loss": loss_sum, **{f"sum/{k}": v for k, v in sums.items()},
+                                        **{f"reward/{k}": v.sum() for k, v in parts.items()}})
+            n_seq, n_tok = tot["n_seq"], tot["n_tok"]
+            steps = dist.all_reduce_max(torch.tensor([-gen.steps, gen.steps], device=dist.device())).tolist()
+            rec = {"loss": tot["loss"] / (a.num_iterations * minibatches), "reward": tot["score"] / n_seq,
+                   "reward_std": math.sqrt(max(tot["score_sq"] / n_seq - (tot["score"] / n_seq) ** 2, 0.0)),
+                   "frac_reward_zero_std": tot["zero_std"] / (n_seq / G), "response_length": n_tok / n_seq,
+                   "eos_fraction": tot["eos"] / n_seq, "generation_steps_min": -steps[0],
+                   "generation_steps_max": steps[1]}
+            rec.update({k: tot[f"sum/{k}"] / tot["sum/_tokens"] for k in sorted(sums) if k != "_tokens"})
+            rec.update({f"reward/{k}": tot[f"reward/{k}"] / n_seq for k in sorted(parts)})
+            rec.update(rl.timing(t1 - t0, t2 - t1, t3 - t2))
+            rec["lr"] = actor.get_lr()[0]
+            run_state.after_step(n_prompts * world, rec)
+            if run_state.should_stop():
+                return state
+    return run_state.finish()

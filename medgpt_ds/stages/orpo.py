@@ -22,7 +22,7 @@ from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.pairs import PairCollator, load_pairs, pair_logps
 from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.losses import orpo_loss, simpo_loss
-from medgpt_ds.model import count_parameters, load_model, load_tokenizer, set_zero3_init
+from medgpt_ds.model import count_parameters, load_model, load_tokenizer
 from medgpt_ds.sequence_parallel import ShardCollator
 
 
@@ -57,7 +57,6 @@ def run(cfg) -> loop.TrainState:
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
-    set_zero3_init(ds_config)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config)
     long_context.prepare_model(model, t)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)

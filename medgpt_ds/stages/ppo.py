@@ -16,22 +16,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
-from medgpt_ds import checkpoint, dist, engine as eng, loop
+from medgpt_ds import checkpoint, dist, engine as eng, generation, rl
+from medgpt_ds.advantages import AdaptiveKLController, FixedKLController, gae, kl_estimate, shape_rewards, whiten
+from medgpt_ds.config import RolloutArguments
+from medgpt_ds.convert import write_hf_meta
+from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.logprobs import entropy_from_logits
 from medgpt_ds.losses import ppo_policy_loss, ppo_value_loss
-from medgpt_ds.metrics import MetricsLogger
-from medgpt_ds.model import load_model, set_zero3_init, value_model_class
-from medgpt_ds.rollout import (AdaptiveKLController, FixedKLController, RLSetup, RolloutArguments, chunked,
-                               critic_values, gae, global_sums, kl_estimate, no_dropout, policy_logprobs,
-                               shape_rewards, whiten)
+from medgpt_ds.model import load_model, load_tokenizer, value_model_class
+from medgpt_ds.run_state import RunState, TrainState, debug_fault
+from medgpt_ds.scoring import critic_values, in_chunks, policy_logprobs, reference_logprobs, sequence_rewards
 
 
 @dataclass
@@ -78,160 +80,164 @@ def load_critic(cfg, path: str, tokenizer, ds_config: dict):
                       extra_config={"config": config}, peft_task_type="TOKEN_CLS")
 
 
-def run(cfg) -> Optional[loop.TrainState]:
-    t, a = cfg.train, cfg.stage_args or Arguments()
+def run(cfg) -> Optional[TrainState]:
+    t, d, a = cfg.train, cfg.data, cfg.stage_args or Arguments()
     micro, ga = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    r = RLSetup(cfg, a, default_prompts_per_rank=micro * ga, samples_per_prompt=1)
-    set_seed(t.seed)
+
+    # 1. setup: checks, tokenizer, prompts, batch arithmetic, rewards, sampling
+    policy_path = rl.check_model_paths(cfg, a)
+    dist.init(t.ddp_timeout)
+    dist.announce()
+    model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    generation.check_backend(a.rollout_backend, model_type=model_config.model_type, device_type=dist.device().type,
+                             use_peft=cfg.lora.use_peft)
+    resume = checkpoint.prepare_output_dir(cfg)
+    model_args = dataclasses.replace(cfg.model, model_name_or_path=policy_path)
+    tokenizer = load_tokenizer(model_args)
+    tokenizer.chat_template = get_chat_template(d.template_name, tokenizer)
+    items = rl.load_prompts(d, tokenizer, t.seed, t.output_dir)
     world = dist.world_size()
-    n_prompts = r.prompts_per_rank
+    n_prompts = a.rollout_batch_size or micro * ga
+    steps_per_epoch, total_steps = rl.prompt_steps(cfg, len(items), n_prompts, 1)
     minibatches = n_prompts // (micro * ga)
     updates_per_step = a.ppo_epochs * minibatches
-    total_updates = r.total_steps * updates_per_step
+    total_updates = total_steps * updates_per_step
+    reward_fns = rl.reward_functions(a, t.stage)
+    params = rl.sampling_params(a, tokenizer)
+    set_seed(t.seed)
 
-    ds_config = eng.build_ds_config(cfg, hidden_size=r.hidden_size, num_training_steps=total_updates)
-    actor, ref, _ = r.build_engines(ds_config, total_updates)
-    critic_path = a.critic_model_path or a.reward_model_path or r.policy_path
-    set_zero3_init(ds_config)
+    # 2. engines: actor and critic (trained), reference and reward model (frozen), rollout backend
+    ds_config = eng.build_ds_config(cfg, hidden_size=getattr(model_config, "hidden_size", None),
+                                    num_training_steps=total_updates)
+    generation.patch_ds_config(a.rollout_backend, ds_config, d.max_source_length + a.max_new_tokens)
+    zero3 = eng.zero_stage(ds_config) == 3
+    if a.offload_frozen and not zero3:
+        dist.print0("warning: --offload_frozen needs ZeRO-3 (parameter offload); frozen models stay on the device")
+    actor = rl.load_actor(cfg, model_args, tokenizer, ds_config, total_updates)
+    frozen_config = eng.frozen_ds_config(ds_config, offload_params=a.offload_frozen)
+    ref = reward_engine = None
+    if a.ref_model_path or not cfg.lora.use_peft:  # LoRA: the reference is the actor without its adapter
+        ref = rl.load_frozen(cfg, a.ref_model_path or policy_path, AutoModelForCausalLM, tokenizer, frozen_config)
+    if a.reward_model_path:
+        reward_engine = rl.load_frozen(cfg, a.reward_model_path, AutoModelForSequenceClassification, tokenizer,
+                                       frozen_config)
+    backend = generation.make_backend(a.rollout_backend, actor, tokenizer, params, zero3=zero3, args=a)
+    critic_path = a.critic_model_path or a.reward_model_path or policy_path
     critic_lr = a.critic_learning_rate or t.learning_rate
     critic_cfg = json.loads(json.dumps(ds_config))
     critic_cfg.pop("hybrid_engine", None)  # the critic never generates
     critic_cfg["optimizer"]["params"]["lr"] = critic_lr
     if "warmup_max_lr" in critic_cfg.get("scheduler", {}).get("params", {}):
         critic_cfg["scheduler"]["params"]["warmup_max_lr"] = critic_lr
-    critic_model = load_critic(cfg, critic_path, r.tokenizer, critic_cfg)
-    no_dropout(critic_model)
+    critic_model = load_critic(cfg, critic_path, tokenizer, critic_cfg)
+    rl.no_dropout(critic_model)
     critic, _, _ = eng.init_train_engine(critic_model, critic_cfg, dataclasses.replace(t, learning_rate=critic_lr),
                                          total_updates)
     dist.print0(f"ppo: {n_prompts} prompts per rank per step ({n_prompts * world} in all), {minibatches} minibatch(es) "
                 f"x {a.ppo_epochs} epoch(s) = {updates_per_step} updates per step; critic from {critic_path}")
 
-    r.seed_rollouts()
-    state = loop.TrainState(extra={"kl_coef": a.kl_coef})
-    if r.resume:
-        saved = checkpoint.load(actor, r.resume, load_universal=t.load_universal, extra_engines={"critic": critic})
-        state = loop.TrainState(**{k: v for k, v in saved.items() if k in loop.TrainState.__dataclass_fields__})
-        dist.print0(f"resumed from {r.resume} at step {state.global_step} (epoch {state.epoch}, prompt batch "
-                    f"{state.step_in_epoch} of {r.steps_per_epoch})")
+    def hf_meta(tag_dir: str) -> None:
+        write_hf_meta(tag_dir, actor.module, tokenizer, model_kind="causal_lm", base_model=policy_path,
+                      torch_dtype=str(next(actor.module.parameters()).dtype))
+
+    # ranks sample from their own streams (same-seeded ranks would draw the same tokens for similar
+    # prompts); set after every model is built, before a resume restores each rank's stream
+    set_seed(t.seed + dist.rank())
+    run_state = RunState(cfg, actor, tokenizer, ds_config=ds_config, total_steps=total_steps,
+                         steps_per_epoch=steps_per_epoch, resume_dir=resume, hf_meta=hf_meta,
+                         extra_engines={"critic": critic}, extra={"kl_coef": a.kl_coef}, export_name="actor")
+    state = run_state.resume()
     kl_ctl = (AdaptiveKLController(state.extra["kl_coef"], a.target_kl, a.kl_horizon) if a.adaptive_kl
               else FixedKLController(state.extra["kl_coef"]))
-    logger = MetricsLogger(t.output_dir, t.report_to, t.logging_dir, r.total_steps, state.global_step)
-    stopper = loop.StopSignal(os.path.join(t.output_dir, ".stop"))
-    temperature = r.params.logit_temperature
-    window: dict[str, float] = {}
+    temperature = params.logit_temperature
 
-    def ref_logprobs(g):
-        if ref is None:  # LoRA: the reference is the actor without its adapter
-            with actor.module.disable_adapter():
-                return policy_logprobs(actor, g, temperature)[0]
-        return policy_logprobs(ref, g, temperature)[0]
-
-    def save() -> None:
-        state.extra["kl_coef"] = kl_ctl.value
-        checkpoint.save(actor, t.output_dir, state.to_dict(), run_config=cfg.to_dict(), ds_config=ds_config,
-                        hf_meta=r.hf_meta(actor), save_total_limit=t.save_total_limit,
-                        extra_engines={"critic": critic})
-
-    last_saved = state.global_step if r.resume else -1
+    # 3. loop: rollout, score, update
     actor.train()
     critic.train()
-    while state.global_step < r.total_steps:
-        loop._debug_fault(state.global_step + 1)
-        # 1. rollout
-        t0 = time.perf_counter()
-        prompts = r.prompts_for(state.epoch, state.step_in_epoch)
-        gen = r.backend.generate([p["prompt_ids"] for p in prompts])
-        t1 = time.perf_counter()
+    with closing(backend):
+        while state.global_step < total_steps:
+            debug_fault(state.global_step + 1)
+            # rollout
+            t0 = time.perf_counter()
+            prompts = rl.prompts_for(items, state.epoch, state.step_in_epoch, n_prompts, t.seed)
+            gen = backend.generate([p["prompt_ids"] for p in prompts])
+            t1 = time.perf_counter()
 
-        # 2. score: rewards, old log-probs, reference log-probs, values; KL-shaped rewards, GAE
-        mask = gen.response_mask
-        score, parts = r.score(gen, [p["answer"] for p in prompts], micro)
-        old_logps = chunked(lambda g: policy_logprobs(actor, g, temperature)[0], gen, micro)
-        ref_logps = chunked(ref_logprobs, gen, micro)
-        values = chunked(lambda g: critic_values(critic, g), gen, micro).masked_fill(~mask, 0.0)
-        kl = kl_estimate(old_logps, ref_logps, a.kl_estimator).masked_fill(~mask, 0.0)  # (B, R)
-        coef = kl_ctl.value
-        rewards = shape_rewards(score, kl, mask, coef, a.missing_eos_penalty, gen.has_eos)
-        advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
-        if a.whiten_advantages:
-            advantages = whiten(advantages, mask)
-        t2 = time.perf_counter()
+            # score: rewards, old log-probs, reference log-probs, values; KL-shaped rewards, GAE
+            mask = gen.response_mask
+            score, parts = sequence_rewards(gen, [p["answer"] for p in prompts], tokenizer, reward_fns, reward_engine,
+                                            a.reward_model_weight, micro)
+            old_logps = in_chunks(lambda g: policy_logprobs(actor, g, temperature)[0], gen, micro)
+            ref_logps = in_chunks(lambda g: reference_logprobs(actor, ref, g, temperature), gen, micro)
+            values = in_chunks(lambda g: critic_values(critic, g), gen, micro).masked_fill(~mask, 0.0)
+            kl = kl_estimate(old_logps, ref_logps, a.kl_estimator).masked_fill(~mask, 0.0)  # (B, R)
+            coef = kl_ctl.value
+            rewards = shape_rewards(score, kl, mask, coef, a.missing_eos_penalty, gen.has_eos)
+            advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
+            if a.whiten_advantages:
+                advantages = whiten(advantages, mask)
+            t2 = time.perf_counter()
 
-        # 3. train: ppo_epochs over shuffled minibatches of micro x grad_accum rollouts
-        sums: dict[str, float] = {}
-        g = torch.Generator().manual_seed(t.seed * 1000003 + state.global_step)
-        for _ in range(a.ppo_epochs):
-            perm = torch.randperm(len(gen), generator=g)
-            for start in range(0, len(gen), micro * ga):
-                rows = perm[start:start + micro * ga]
-                tokens = dist.all_reduce_sum(mask[rows].sum().double().to(dist.device())).item()
-                norm = max(tokens, 1.0) / (world * ga)  # global token mean over the minibatch
-                for j in range(ga):
-                    idx = rows[j * micro:(j + 1) * micro]
-                    sub = gen.select(idx)
-                    logps, logits = policy_logprobs(actor, sub, temperature)
-                    pg_loss, pm = ppo_policy_loss(logps, old_logps[idx], advantages[idx], sub.response_mask,
-                                                  a.cliprange, num_tokens=norm)
-                    actor.backward(pg_loss)
-                    actor.step()
-                    with torch.no_grad():
-                        entropy = entropy_from_logits(logits.detach(), sub.response_mask)
-                    vpred = critic_values(critic, sub)
-                    vf_loss, vm = ppo_value_loss(vpred, values[idx], returns[idx], sub.response_mask,
-                                                 a.cliprange_value, num_tokens=norm)
-                    critic.backward(vf_loss)
-                    critic.step()
-                    n = float(sub.response_mask.sum())
-                    for k, v in {"policy_loss": pg_loss.item() * norm / max(n, 1.0), "value_loss": vf_loss.item() * norm / max(n, 1.0),
-                                 "entropy": entropy.sum().item() / max(n, 1.0), **pm, **vm}.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * n
-                    sums["_tokens"] = sums.get("_tokens", 0.0) + n
-        t3 = time.perf_counter()
+            # train: ppo_epochs over shuffled minibatches of micro x grad_accum rollouts
+            sums: dict[str, float] = {}
+            g = torch.Generator().manual_seed(t.seed * 1000003 + state.global_step)
+            for _ in range(a.ppo_epochs):
+                perm = torch.randperm(len(gen), generator=g)
+                for start in range(0, len(gen), micro * ga):
+                    rows = perm[start:start + micro * ga]
+                    tokens = dist.all_reduce_sum(mask[rows].sum().double().to(dist.device())).item()
+                    norm = max(tokens, 1.0) / (world * ga)  # global token mean over the minibatch
+                    for j in range(ga):
+                        idx = rows[j * micro:(j + 1) * micro]
+                        sub = gen.select(idx)
+                        logps, logits = policy_logprobs(actor, sub, temperature)
+                        pg_loss, pm = ppo_policy_loss(logps, old_logps[idx], advantages[idx], sub.response_mask,
+                                                      a.cliprange, num_tokens=norm)
+                        actor.backward(pg_loss)
+                        actor.step()
+                        with torch.no_grad():
+                            entropy = entropy_from_logits(logits.detach(), sub.response_mask)
+                        vpred = critic_values(critic, sub)
+                        vf_loss, vm = ppo_value_loss(vpred, values[idx], returns[idx], sub.response_mask,
+                                                     a.cliprange_value, num_tokens=norm)
+                        critic.backward(vf_loss)
+                        critic.step()
+                        n = float(sub.response_mask.sum())
+                        for k, v in {"policy_loss": pg_loss.item() * norm / max(n, 1.0),
+                                     "value_loss": vf_loss.item() * norm / max(n, 1.0),
+                                     "entropy": entropy.sum().item() / max(n, 1.0), **pm, **vm}.items():
+                            sums[k] = sums.get(k, 0.0) + float(v) * n
+                        sums["_tokens"] = sums.get("_tokens", 0.0) + n
+                    backend.update_weights(actor.global_steps)
+            t3 = time.perf_counter()
 
-        # 4. bookkeeping: metrics over all ranks, KL controller, checkpoint, stop signal
-        seq_kl = kl.sum(-1)  # (B,)
-        fmask = mask.float()
-        resid = (returns - values) * fmask
-        keys = sorted(k for k in sums if k != "_tokens")
-        tot = global_sums([len(gen), score.sum(), (score ** 2).sum(), seq_kl.sum(), fmask.sum(), gen.has_eos.sum(),
-                           (returns * fmask).sum(), (returns ** 2 * fmask).sum(), resid.sum(), (resid ** 2).sum(),
-                           sums["_tokens"]] + [sums[k] for k in keys] + [parts[k].sum() for k in sorted(parts)])
-        n_seq, n_tok = tot[0], tot[4]
-        ret_var = tot[7] / n_tok - (tot[6] / n_tok) ** 2
-        res_var = tot[9] / n_tok - (tot[8] / n_tok) ** 2
-        mean_kl = tot[3] / n_seq
-        kl_ctl.update(mean_kl, int(n_seq))
-        steps_min = -dist.all_reduce_max(torch.tensor([-gen.steps], device=dist.device())).item()
-        steps_max = dist.all_reduce_max(torch.tensor([gen.steps], device=dist.device())).item()
-        rec = {"reward": tot[1] / n_seq, "reward_std": math.sqrt(max(tot[2] / n_seq - (tot[1] / n_seq) ** 2, 0.0)),
-               "kl": mean_kl, "kl_coef": coef, "non_score_reward": -coef * mean_kl,
-               "explained_variance": 1.0 - res_var / ret_var if ret_var > 0 else float("nan"),
-               "response_length": n_tok / n_seq, "eos_fraction": tot[5] / n_seq,
-               "generation_steps_min": steps_min, "generation_steps_max": steps_max}
-        rec.update({k: tot[11 + i] / tot[10] for i, k in enumerate(keys)})
-        rec.update({f"reward/{k}": tot[11 + len(keys) + i] / n_seq for i, k in enumerate(sorted(parts))})
-        state.extra["kl_coef"] = kl_ctl.value
-        rec.update(r.timing(t1 - t0, t2 - t1, t3 - t2))
-        rec["lr"] = actor.get_lr()[0]
-        state.global_step += 1
-        state.step_in_epoch += 1
-        state.consumed_items += n_prompts * world
-        if state.step_in_epoch >= r.steps_per_epoch:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        logger.advance()
-        for k, v in rec.items():
-            window[k] = window.get(k, 0.0) + v
-        window["_n"] = window.get("_n", 0) + 1
-        if state.global_step % t.logging_steps == 0 or state.global_step == r.total_steps:
-            logger.log(state.global_step, {k: v / window["_n"] for k, v in window.items() if k != "_n"})
-            window = {}
-        if t.save_steps and state.global_step % t.save_steps == 0:
-            save()
-            last_saved = state.global_step
-        if stopper.should_stop():
-            return r.preempt(state, save if last_saved != state.global_step else None, logger, stopper)
-
-    if last_saved != state.global_step:
-        save()
-    r.finish(actor, logger)
-    return state
+            # bookkeeping: metrics over all ranks (by name), KL controller, log, checkpoint, stop signal
+            seq_kl = kl.sum(-1)  # (B,)
+            fmask = mask.float()
+            resid = (returns - values) * fmask
+            tot = dist.all_reduce_dict({
+                "n_seq": len(gen), "score": score.sum(), "score_sq": (score ** 2).sum(), "kl": seq_kl.sum(),
+                "n_tok": fmask.sum(), "eos": gen.has_eos.sum(), "ret": (returns * fmask).sum(),
+                "ret_sq": (returns ** 2 * fmask).sum(), "resid": resid.sum(), "resid_sq": (resid ** 2).sum(),
+                **{f"sum/{k}": v for k, v in sums.items()}, **{f"reward/{k}": v.sum() for k, v in parts.items()}})
+            n_seq, n_tok = tot["n_seq"], tot["n_tok"]
+            ret_var = tot["ret_sq"] / n_tok - (tot["ret"] / n_tok) ** 2
+            res_var = tot["resid_sq"] / n_tok - (tot["resid"] / n_tok) ** 2
+            mean_kl = tot["kl"] / n_seq
+            kl_ctl.update(mean_kl, int(n_seq))
+            steps = dist.all_reduce_max(torch.tensor([-gen.steps, gen.steps], device=dist.device())).tolist()
+            rec = {"reward": tot["score"] / n_seq,
+                   "reward_std": math.sqrt(max(tot["score_sq"] / n_seq - (tot["score"] / n_seq) ** 2, 0.0)),
+                   "kl": mean_kl, "kl_coef": coef, "non_score_reward": -coef * mean_kl,
+                   "explained_variance": 1.0 - res_var / ret_var if ret_var > 0 else float("nan"),
+                   "response_length": n_tok / n_seq, "eos_fraction": tot["eos"] / n_seq,
+                   "generation_steps_min": -steps[0], "generation_steps_max": steps[1]}
+            rec.update({k: tot[f"sum/{k}"] / tot["sum/_tokens"] for k in sorted(sums) if k != "_tokens"})
+            rec.update({f"reward/{k}": tot[f"reward/{k}"] / n_seq for k in sorted(parts)})
+            state.extra["kl_coef"] = kl_ctl.value
+            rec.update(rl.timing(t1 - t0, t2 - t1, t3 - t2))
+            rec["lr"] = actor.get_lr()[0]
+            run_state.after_step(n_prompts * world, rec)
+            if run_state.should_stop():
+                return state
+    return run_state.finish()

@@ -24,7 +24,7 @@ from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.pairs import PairCollator, load_pairs
 from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.losses import rm_pairwise_loss
-from medgpt_ds.model import count_parameters, load_model, load_tokenizer, set_zero3_init
+from medgpt_ds.model import count_parameters, load_model, load_tokenizer
 
 
 @dataclass
@@ -71,7 +71,6 @@ def run(cfg) -> loop.TrainState:
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
-    set_zero3_init(ds_config)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config, model_cls=AutoModelForSequenceClassification,
                        extra_config={"num_labels": 1, "pad_token_id": tokenizer.pad_token_id}, peft_task_type="SEQ_CLS")
     long_context.prepare_model(model, t)

@@ -23,8 +23,7 @@ from medgpt_ds.data.packing import PackingPlan, PaddedCollator, model_inputs, pa
 from medgpt_ds.data.templates import encode_conversation, get_chat_template
 from medgpt_ds.errors import UserError
 from medgpt_ds.losses import causal_lm_loss, chunked_causal_lm_loss
-from medgpt_ds.model import (count_parameters, load_config, load_model, load_tokenizer, resolve_attn_implementation,
-                             set_zero3_init)
+from medgpt_ds.model import count_parameters, load_config, load_model, load_tokenizer, resolve_attn_implementation
 from medgpt_ds.sequence_parallel import ShardCollator
 
 
@@ -103,7 +102,6 @@ def run(cfg) -> loop.TrainState:
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
-    set_zero3_init(ds_config)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config)
     long_context.prepare_model(model, t)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
