@@ -138,7 +138,7 @@ def test_pair_logps_chunked_equals_full_logits(tiny_tokenizer, tiny_llama, lora)
     from peft import LoraConfig, get_peft_model
 
     from medgpt_ds.data.templates import TEMPLATES
-    from tests.test_pref_data import RECS, _data_args
+    from tests.helpers import RECS, pair_data_args as _data_args
 
     model = tiny_llama(len(tiny_tokenizer)).double()
     if lora:  # frozen head: per-token gradients path
@@ -299,7 +299,7 @@ def test_shard_batch_packed_rows_add_up_to_the_batch(size):
 
 def test_shard_batch_pairs_and_flattened_cu_seq_lens(tiny_tokenizer):
     from medgpt_ds.data.templates import TEMPLATES
-    from tests.test_pref_data import RECS, _data_args
+    from tests.helpers import RECS, pair_data_args as _data_args
 
     items = [encode_pair(tiny_tokenizer, TEMPLATES["chatml"], r, _data_args()) for r in RECS]
     full = PairCollator(tiny_tokenizer.pad_token_id)(items)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.launch_utils import ROOT, ds_config_copy, losses, metrics, train
-from tests.test_pref_data import split_demo_pairs
+from tests.helpers import split_demo_pairs
 
 pytestmark = [pytest.mark.distributed, pytest.mark.invariant]
 DEMO = os.path.join(ROOT, "data", "demo")
