@@ -29,6 +29,7 @@ from medgpt_ds.rewards import RULE_REWARDS
 STAGE_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "ppo": "prompt", "dpo": "preference",
               "orpo": "preference", "grpo": "prompt"}
 STAGES = tuple(STAGE_DATA)
+SEQUENCE_PARALLEL_STAGES = ("pt", "sft", "dpo", "orpo")
 
 # MedicalGPT / HF Trainer flags with no meaning under this trainer: accepted, warned about.
 IGNORED_FLAGS = {
@@ -176,6 +177,24 @@ class TrainingArguments:
     logging_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard dir (default output_dir/logs)."})
     ddp_timeout: int = field(default=1800, metadata={"help": "Seconds before a collective times out."})
     export_hf: bool = field(default=True, metadata={"help": "Write an HF model (or adapter) into output_dir at the end."})
+    # --- long context and memory (DeepSpeed ALST pieces; docs/long_context.md) ---
+    chunked_loss: bool = field(
+        default=True, metadata={"help": "LM head + loss (pt/sft cross entropy, dpo/orpo log-probs) in chunks of tokens, so "
+                                        "the (tokens x vocab) fp32 logits never exist; exact, on wherever the model's logits "
+                                        "are reproduced. False: the model's full logits. (ppo/grpo: full logits.)"})
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the chunked loss."})
+    use_liger_kernel: bool = field(
+        default=False, metadata={"help": "GPU: Liger's Triton RMSNorm/SwiGLU/RoPE kernels (needs pip install liger-kernel)."})
+    tiled_mlp: bool = field(
+        default=False, metadata={"help": "DeepSpeed TiledMLP: each decoder MLP runs in sequence shards of ~hidden_size "
+                                         "tokens, recomputed in backward (for the longest sequences)."})
+    offload_activations: bool = field(
+        default=False, metadata={"help": "GPU: keep activations saved for backward in CPU RAM (with "
+                                         "--gradient_checkpointing: each layer's checkpointed input)."})
+    sequence_parallel_size: int = field(
+        default=1, metadata={"help": "Ulysses sequence parallelism (pt, sft, dpo, orpo): each sample's tokens are split "
+                                     "over N ranks, attention sees the whole sequence via all-to-all. The data-parallel "
+                                     "size becomes world/N, so the global batch is micro x accumulation x world/N."})
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -197,6 +216,13 @@ class TrainingArguments:
             raise ValueError("--warmup_ratio must be in [0, 1)")
         if self.report_to not in ("tensorboard", "none", "all", "jsonl"):
             raise ValueError("--report_to must be tensorboard or none")
+        if self.loss_chunk_size <= 0:
+            raise ValueError(f"--loss_chunk_size must be positive, got {self.loss_chunk_size}")
+        if self.sequence_parallel_size < 1:
+            raise ValueError(f"--sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}")
+        if self.sequence_parallel_size > 1 and self.stage not in SEQUENCE_PARALLEL_STAGES:
+            raise ValueError(f"--sequence_parallel_size is supported for {', '.join(SEQUENCE_PARALLEL_STAGES)}, "
+                             f"not --stage {self.stage}")
 
 
 @dataclass
@@ -443,6 +469,10 @@ def _cross_checks(cfg: RunConfig) -> None:
             check_model_path(getattr(m, flag), f"--{flag}", cache_dir=m.cache_dir)  # the folder's contents: cli.main
     if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):
         raise UserError(f"--output_dir {t.output_dir} is a file, not a folder")
+    unwired = [f for f in ("tiled_mlp", "offload_activations", "use_liger_kernel") if getattr(t, f)]
+    if unwired and t.stage in ("ppo", "grpo"):
+        raise UserError(f"--{unwired[0]} is not available for --stage {t.stage} (its rollouts generate with the "
+                        "model); use it for pt, sft, rm, dpo, orpo")
     if t.deepspeed and not os.path.isfile(t.deepspeed):
         raise UserError(f"--deepspeed {t.deepspeed}: no such file")
     if cfg.data.train_file_dir and not os.path.exists(cfg.data.train_file_dir):

@@ -11,15 +11,17 @@ per document, so documents never attend to each other (unless --packing False: o
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from transformers import set_seed
 
-from medgpt_ds import checkpoint, dist, engine as eng, loop
+from medgpt_ds import checkpoint, dist, engine as eng, long_context, loop
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.loading import data_key, load_train_eval, tokenize_records
 from medgpt_ds.data.packing import PaddedCollator, chunk_documents
 from medgpt_ds.model import count_parameters, load_model, load_tokenizer
+from medgpt_ds.sequence_parallel import ShardCollator
 from medgpt_ds.stages.sft import lm_loss_sum, pack_or_pad, plan_packing
 
 
@@ -33,6 +35,7 @@ def chunked(tokenizer, items: list[dict], block_size: int, what: str) -> list[di
 def run(cfg) -> loop.TrainState:
     t, d = cfg.train, cfg.data
     dist.init(t.ddp_timeout)
+    dist.init_sequence_parallel(t.sequence_parallel_size)
     dist.announce()
     resume = checkpoint.prepare_output_dir(cfg)
     set_seed(t.seed)
@@ -56,12 +59,19 @@ def run(cfg) -> loop.TrainState:
                                        "pt train")
 
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,
-                                           t.gradient_accumulation_steps, dist.world_size())
+                                           t.gradient_accumulation_steps, dist.dp_world_size())
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config)
+    long_context.prepare_model(model, t)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
+    chunk = long_context.loss_chunk_size(t, engine, "pt")
+    loss_fn = long_context.with_context(functools.partial(lm_loss_sum, chunk_size=chunk),
+                                        long_context.offload_context(engine, t))
+    eval_collate = PaddedCollator(tokenizer.pad_token_id)
+    if dist.sp_size() > 1:
+        collate, eval_collate = (ShardCollator(c, tokenizer.pad_token_id) for c in (collate, eval_collate))
 
     def hf_meta(tag_dir: str) -> None:
         write_hf_meta(tag_dir, engine.module, tokenizer, model_kind="causal_lm",
@@ -69,6 +79,6 @@ def run(cfg) -> loop.TrainState:
 
     return loop.train(cfg=cfg, engine=engine, model=model, tokenizer=tokenizer, ds_config=ds_config,
                       train_items=train_items, eval_items=eval_items, collate=collate,
-                      eval_collate=PaddedCollator(tokenizer.pad_token_id), loss_fn=lm_loss_sum,
+                      eval_collate=eval_collate, loss_fn=loss_fn,
                       unit_key="num_label_tokens", total_steps=total_steps, hf_meta=hf_meta,
                       num_params=count_parameters(model), resume_dir=resume)
