@@ -9,6 +9,9 @@
     # batch: one chat per jsonl row (messages / conversations / prompt / question / instruction),
     # answers written in input order as the row plus "response"
     python tools/chat.py --model_name_or_path outputs/sft --input_file q.jsonl --output_file a.jsonl
+    # MedicalGPT's demo/inference.py flags work as they are
+    python tools/chat.py --base_model Qwen/Qwen2.5-0.5B --lora_model outputs/sft_lora --interactive
+    python tools/chat.py --base_model outputs/sft --data_file questions.txt --predictions_file answers.jsonl
     torchrun --nproc_per_node 8 tools/chat.py ... --input_file q.jsonl --output_file a.jsonl   # split over ranks
 
 The prompt is rendered with the tokenizer's chat template (the one training exported), so the model
@@ -43,17 +46,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(p)
     add_generation_args(p)
     p.add_argument("--prompt", help="ask this one question (answer streamed to stdout) and exit")
+    p.add_argument("--interactive", action="store_true",
+                   help="multi-turn chat in the terminal (the default without --input_file or --prompt)")
     g = p.add_argument_group("batch mode")
-    g.add_argument("--input_file", help="jsonl of prompts; without it the chat is interactive")
-    g.add_argument("--output_file", help="jsonl of answers (default: stdout)")
-    g.add_argument("--batch_size", type=int, default=8, help="chats per generate call on each rank")
+    g.add_argument("--input_file", "--data_file", dest="input_file",
+                   help="prompts: jsonl, or plain text with one question a line (MedicalGPT's --data_file); "
+                        "without it the chat is interactive")
+    g.add_argument("--output_file", "--predictions_file", dest="output_file",
+                   help="jsonl of answers (default: stdout)")
+    g.add_argument("--batch_size", "--eval_batch_size", dest="batch_size", type=int, default=8,
+                   help="chats per generate call on each rank")
     args = p.parse_args(argv)
     if args.output_file and not args.input_file:
-        p.error("--output_file needs --input_file")
+        p.error("--output_file (--predictions_file) needs --input_file (--data_file)")
     if args.prompt is not None and args.input_file:
         p.error("--prompt and --input_file exclude each other")
+    if args.interactive and (args.input_file or args.prompt is not None):
+        p.error("--interactive excludes --input_file (--data_file) and --prompt")
     if args.model_name_or_path is None and args.adapter_name_or_path is None:
-        p.error("pass --model_name_or_path")
+        p.error("pass --model_name_or_path (MedicalGPT: --base_model)")
     return args
 
 
