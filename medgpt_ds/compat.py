@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from medgpt_ds.errors import UserError
+
 # Alias -> our flag. A dict value maps per stage (a stage not in it does not take the alias). An alias
 # is applied only when the stage has no flag of that name itself (its own meaning wins).
 FLAG_ALIASES: dict[str, object] = {
@@ -52,7 +54,7 @@ def _truthy(value: str) -> bool:
         return True
     if v in ("false", "f", "no", "n", "0"):
         return False
-    raise ValueError(f"--use_vllm expects True or False, got {value!r}")
+    raise UserError(f"--use_vllm expects True or False, got {value!r}")
 
 
 def rewrite_argv(argv: list[str], stage: str, known: set[str]) -> tuple[list[str], list[str]]:

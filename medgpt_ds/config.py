@@ -43,8 +43,8 @@ IGNORED_FLAGS = {
     "hub_token": "no hub access at training time",
     "push_to_hub": "no hub access at training time",
     "save_safetensors": "exports are always safetensors",
-    "eval_strategy": "evaluation runs every --eval_steps when a validation set exists",
-    "evaluation_strategy": "evaluation runs every --eval_steps when a validation set exists",
+    "eval_strategy": "pt/sft/rm/dpo/orpo evaluate every --eval_steps and at the end with --do_eval",
+    "evaluation_strategy": "pt/sft/rm/dpo/orpo evaluate every --eval_steps and at the end with --do_eval",
     "save_strategy": "checkpoints are written every --save_steps and at the end",
     "logging_strategy": "logging runs every --logging_steps",
     "logging_first_step": "the first step is always logged",
@@ -382,7 +382,8 @@ def _strip_ignored(argv: list[str], known_flags: set[str]) -> list[str]:
         a = argv[i]
         name = a[2:].split("=", 1)[0] if a.startswith("--") else None
         if name in IGNORED_FLAGS and name not in known_flags:
-            print(f"warning: --{name} is accepted but ignored: {IGNORED_FLAGS[name]}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # once, not once per rank
+                print(f"warning: --{name} is accepted but ignored: {IGNORED_FLAGS[name]}", file=sys.stderr)
             i += 1
             if "=" not in a and i < len(argv) and not argv[i].startswith("--"):
                 i += 1
