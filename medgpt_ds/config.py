@@ -18,7 +18,14 @@ from typing import Any, Optional
 import yaml
 from transformers import HfArgumentParser, SchedulerType
 
-from medgpt_ds.compat import ALIAS_HINTS, FLAG_ALIASES, default_notices, given_flags, rewrite_argv
+from medgpt_ds.compat import (
+    ALIAS_HINTS,
+    FLAG_ALIASES,
+    MEDICALGPT_STAGES_ELSEWHERE,
+    default_notices,
+    given_flags,
+    rewrite_argv,
+)
 from medgpt_ds.data.templates import TEMPLATES
 from medgpt_ds.errors import UserError
 from medgpt_ds.generation import BACKENDS
@@ -190,7 +197,8 @@ class TrainingArguments:
         default="tensorboard", metadata={"help": "Trackers, comma- or space-separated: tensorboard, wandb, swanlab, mlflow "
                                                  "(offline, under the logging dir), none, all (every installed one); "
                                                  "jsonl and stdout always."})
-    logging_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard dir (default output_dir/logs)."})
+    logging_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where metrics.jsonl and the --report_to trackers write (default output_dir/logs)."})
     ddp_timeout: int = field(default=1800, metadata={"help": "Seconds before a collective times out."})
     export_hf: bool = field(default=True, metadata={"help": "Write an HF model (or adapter) into output_dir at the end."})
 
@@ -416,6 +424,9 @@ def parse_args(argv: list[str] | None = None, stage_dataclasses: dict | None = N
         argv = _yaml_to_argv(recipe) + argv
 
     stage = _split_stage(argv)
+    if stage not in STAGES:  # before any flag is looked at: the stage decides which flags exist
+        why = f" ({MEDICALGPT_STAGES_ELSEWHERE[stage]})" if stage in MEDICALGPT_STAGES_ELSEWHERE else ""
+        raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}{why}")
     extra = (stage_dataclasses or {}).get(stage)
     types = [ModelArguments, DataArguments, TrainingArguments, LoraArguments] + ([extra] if extra else [])
     parser = HfArgumentParser(types)
@@ -431,7 +442,7 @@ def parse_args(argv: list[str] | None = None, stage_dataclasses: dict | None = N
     *objs, remaining = parsed
     if remaining:
         msgs = []
-        for r in remaining:
+        for i, r in enumerate(remaining):
             if r.startswith("--"):
                 name = r[2:].split("=", 1)[0]
                 if name in ALIAS_HINTS:
@@ -440,8 +451,8 @@ def parse_args(argv: list[str] | None = None, stage_dataclasses: dict | None = N
                 close = difflib.get_close_matches(name, sorted(known | set(FLAG_ALIASES)), n=1)
                 hint = f" (did you mean --{close[0]}?)" if close else ""
                 msgs.append(f"unknown flag --{name}{hint}")
-            else:
-                msgs.append(f"unexpected argument {r!r}")
+            elif not (i and remaining[i - 1].startswith("--") and "=" not in remaining[i - 1]):
+                msgs.append(f"unexpected argument {r!r}")  # (a value right after an unknown flag is that flag's)
         raise UserError("; ".join(msgs) + f" [stage {stage}]")
     model, data, train, lora = objs[:4]
     cfg = RunConfig(model=model, data=data, train=train, lora=lora, stage_args=objs[4] if extra else None)

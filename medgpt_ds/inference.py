@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -344,6 +345,22 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
     return rows
+
+
+def read_prompt_file(path: str) -> tuple[list[dict[str, Any]], bool]:
+    """(rows, plain) of a batch-inference file. ``.jsonl`` / ``.json`` files, and any file whose first
+    non-blank line is a JSON object, are JSON Lines; anything else is plain text with one question a
+    line (MedicalGPT's demo/inference.py --data_file), read as ``{"question": line}`` rows with blank
+    lines skipped (counted on stderr)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    first = next((x for x in lines if x.strip()), "")
+    if path.endswith((".jsonl", ".json")) or first.lstrip().startswith("{"):
+        return read_jsonl(path), False
+    questions = [x.strip() for x in lines if x.strip()]
+    if len(questions) < len(lines):
+        print(f"{path}: skipped {len(lines) - len(questions)} blank line(s)", file=sys.stderr)
+    return [{"question": q} for q in questions], True
 
 
 # ---------------------------------------------------------------- ranks

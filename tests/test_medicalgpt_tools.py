@@ -28,7 +28,7 @@ def test_chat_runs_medicalgpt_inference_flags(tmp_path, model_dir, adapter_dir):
     """demo/inference.py's batch command line: one question a line in, jsonl predictions out."""
     questions = ["What causes a fever?", "乙肝和丙肝的区别？", "How should I take this tablet?"]
     src, dst = tmp_path / "questions.txt", tmp_path / "predictions.jsonl"
-    src.write_text("\n".join(questions) + "\n", encoding="utf-8")
+    src.write_text("\n".join(questions[:2]) + "\n\n" + questions[2] + "\n", encoding="utf-8")  # a blank line
     chat = tool("chat")
     rc = chat.main(["--base_model", str(model_dir), "--lora_model", str(adapter_dir), "--tokenizer_path", str(model_dir),
                     "--data_file", str(src), "--predictions_file", str(dst), "--eval_batch_size", "2",
@@ -36,15 +36,41 @@ def test_chat_runs_medicalgpt_inference_flags(tmp_path, model_dir, adapter_dir):
                     "--repetition_penalty", "1.0", "--only_cpu"])
     assert rc == 0
     rows = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 3
-    for q, row in zip(questions, rows):  # in input order, each with its question and the adapter's answer
-        assert q in row.values() and "B" in row.values(), row
+    # in input order, each with its question and the adapter's answer, as MedicalGPT's predictions file
+    assert rows == [{"Input": q, "Output": "B"} for q in questions]
     # --lora_model "" (MedicalGPT's default) is the base model alone; --stop_str cuts the answer
     rc = chat.main(["--base_model", str(model_dir), "--lora_model", "", "--data_file", str(src), "--predictions_file",
                     str(dst), "--stop_str", " B", "--use_cpu"])
     assert rc == 0
     rows = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
-    assert all(ANSWER.split()[0] in row.values() for row in rows), rows
+    assert rows == [{"Input": q, "Output": ANSWER.split()[0]} for q in questions]
+
+
+def test_chat_single_tune_asks_each_question_alone(monkeypatch, capsys):
+    """MedicalGPT's --single_tune: interactive chat that sends no history (multi-turn is the default)."""
+    chat = tool("chat")
+
+    class Recorder:
+        name, sent = "fake", []
+
+        def stream(self, history, cfg):
+            self.sent.append([m["content"] for m in history])
+            yield "ok"
+
+    for single, expected in ((True, [["sys", "q1"], ["sys", "q2"]]), (False, [["sys", "q1"], ["sys", "q1", "ok", "q2"]])):
+        typed = ["q1", "q2"]
+
+        def user(_prompt):
+            if not typed:
+                raise EOFError  # Ctrl-D ends the chat
+            return typed.pop(0)
+
+        monkeypatch.setattr("builtins.input", user)
+        rec = Recorder()
+        rec.sent = []
+        chat.interactive(rec, None, "sys", single_turn=single)
+        assert rec.sent == expected
+    assert chat.parse_args(["--base_model", "m", "--single_tune", "--interactive"]).single_turn
 
 
 def test_chat_flag_conflicts_and_8bit(tmp_path, model_dir, capsys):
@@ -99,3 +125,17 @@ def test_serve_takes_openai_api_bind_flags(model_dir):
     args = tool("serve").parse_args(["--base_model", str(model_dir), "--server_name", "127.0.0.2", "--server_port",
                                      "8001", "--cpu_only"])
     assert (args.model_name_or_path, args.host, args.port, args.device) == (str(model_dir), "127.0.0.2", 8001, "cpu")
+
+
+def test_resize_emb_sizes_the_embeddings_to_a_larger_tokenizer(model_dir):
+    """MedicalGPT's --resize_emb: a tokenizer extended after the base was saved gets embedding rows."""
+    from transformers import AutoTokenizer
+
+    from medgpt_ds.inference import load_causal_lm
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = load_causal_lm(str(model_dir), tokenizer=tok, device="cpu").get_input_embeddings().weight.shape[0]
+    tok.add_tokens(["<drug_a>", "<drug_b>", "<drug_c>"])
+    assert load_causal_lm(str(model_dir), tokenizer=tok, device="cpu").get_input_embeddings().weight.shape[0] == base
+    resized = load_causal_lm(str(model_dir), tokenizer=tok, device="cpu", resize_emb=True)
+    assert resized.get_input_embeddings().weight.shape[0] == len(tok) > base
