@@ -95,6 +95,12 @@ def test_defaults_that_differ_from_medicalgpt_are_named_once(tmp_path, capsys):
     parse(tmp_path, "grpo")
     err = capsys.readouterr().err
     assert "--loss_type grpo (MedicalGPT: dapo)" in err and "--system_prompt none (MedicalGPT: think_answer)" in err
+    parse(tmp_path, "sft")  # full fine-tuning: MedicalGPT's LoRA default is named, its lora_alpha is moot
+    err = capsys.readouterr().err
+    assert "--use_peft False (MedicalGPT: True)" in err and "--lora_alpha" not in err
+    parse_args(["--stage", "pt", "--model_config", "tiny", "--tokenizer_name_or_path", str(tmp_path), "--output_dir",
+                str(tmp_path / "out")])  # from scratch: no adapter to suggest
+    assert "--use_peft" not in capsys.readouterr().err
 
 
 def test_do_eval_never_silently_does_nothing(tmp_path, capsys):
