@@ -53,7 +53,8 @@ def pack_or_pad(items: list[dict], max_len: int, plan: Optional[PackingPlan], pa
     rows = pack_sequences([len(x["input_ids"]) for x in items], max_len)
     n_tok = sum(len(x["input_ids"]) for x in items)
     dist.print0(f"{what}: packed {len(items)} samples into {len(rows)} rows of <= {max_len} tokens "
-                f"(fill {100 * n_tok / max(1, len(rows) * max_len):.1f}%, layout {plan.layout})")
+                f"(fill {100 * n_tok / max(1, len(rows) * max_len):.1f}%, layout {plan.layout}); a batch counts rows "
+                "(--packing False: one sample a row, as MedicalGPT)")
     return [[items[i] for i in row] for row in rows], plan.collator(pad_id)
 
 
