@@ -50,6 +50,7 @@ def test_cache_sees_in_place_edits_and_new_seeds(tmp_path, tiny_tokenizer, capsy
     _write(path)
     first = _run(tok, data, out, 1, capsys)
     assert first[0] == "miss" and "tokenized cache: hashed 1 input files" in first[3]
+    first_entry = set(os.listdir(out / ".cache" / "tokenized"))
     again = _run(tok, data, out, 1, capsys)
     assert again[0] == "hit" and again[1] == first[1]
 
@@ -73,6 +74,14 @@ def test_cache_sees_in_place_edits_and_new_seeds(tmp_path, tiny_tokenizer, capsy
     # --overwrite_output_dir keeps output_dir/.cache: the earlier entries are there but never match again
     assert len(os.listdir(out / ".cache" / "tokenized")) >= 4
     assert _run(tok, data, out, 1, capsys)[0] == "hit"
+    # a fifth key: the least recently used entry goes (the pre-edit one; the others were used since)
+    cache = out / ".cache" / "tokenized"
+    before = set(os.listdir(cache))
+    state, _, _, log = _run(tok, data, out, 4, capsys)
+    assert state == "miss" and "tokenized cache: removed 1 older sft-train entries" in log
+    after = set(os.listdir(cache))
+    assert len(after) == 4 and before - after == first_entry
+    assert [_run(tok, data, out, s, capsys)[0] for s in (1, 2, 3, 4)] == ["hit"] * 4
 
 
 def test_cache_key_covers_tokenizer_template_and_flags(tmp_path, tiny_tokenizer, capsys):

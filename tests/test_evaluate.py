@@ -336,3 +336,19 @@ def test_cli_flags_accept_the_deepspeed_launcher_local_rank(monkeypatch):
     assert chat.parse_args(["--model_name_or_path", "m", "--input_file", "q.jsonl", "--local_rank=0"]).local_rank == 0
     with pytest.raises(SystemExit):  # a reward file without a reward model is a usage error
         evaluate.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--preference_files", "p.jsonl"])
+
+
+@pytest.mark.unit
+def test_record_folders_skip_and_name_text_files(tmp_path, capsys):
+    """--preference_files/--prompt_files folders read records only: a README.txt beside them is named
+    as skipped, not parsed as data."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write_jsonl(folder / "pairs.jsonl", PAIRS)
+    (folder / "README.txt").write_text("how these pairs were made\n")
+    recs = evaluate._records(str(folder), "preference", None)
+    assert len(recs) == len(PAIRS)
+    assert "README.txt" in capsys.readouterr().out

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import AutoModelForSequenceClassification
 
 from medgpt_ds import dist
-from medgpt_ds.data.formats import find_files, load_records
+from medgpt_ds.data.formats import DEFAULT_EXTS, RECORD_EXTS, find_files, load_records
 from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.errors import main_boundary
 from medgpt_ds.evaluation import (
@@ -78,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _records(path: str, kind: str, max_samples: int | None) -> list[dict]:
     quiet = print if dist.is_main() else (lambda *a, **k: None)
-    return load_records(find_files(path), kind, max_samples=max_samples, log=quiet)
+    # pt text may be .txt; every other kind reads records (a .txt beside them is named as skipped)
+    files = find_files(path, DEFAULT_EXTS if kind == "pt" else RECORD_EXTS, log=quiet)
+    return load_records(files, kind, max_samples=max_samples, log=quiet)
 
 
 def _mc_records(path: str, max_samples: int | None) -> list[dict]:

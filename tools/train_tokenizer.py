@@ -25,8 +25,9 @@ def read_corpus(paths: list[str], max_docs: int | None = None) -> list[str]:
     """Documents from files/folders in any pt format, via the trainer's own reader."""
     from medgpt_ds.data.formats import find_files, load_records
 
-    files = [f for p in paths for f in find_files(p)]
-    return [r["text"] for r in load_records(files, "pt", max_samples=max_docs, log=lambda m: print(m, file=sys.stderr))]
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    files = [f for p in paths for f in find_files(p, log=log)]  # other files in a folder are named as skipped
+    return [r["text"] for r in load_records(files, "pt", max_samples=max_docs, log=log)]
 
 
 def corpus_stats(tok, docs: list[str], n: int = 1000) -> dict:

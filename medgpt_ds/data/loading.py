@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from typing import Callable, Optional
 
@@ -209,6 +210,30 @@ def _fingerprint(*parts) -> str:
     return h.hexdigest()[:24]
 
 
+# Entries kept per kind of tokenized data (desc) in a cache folder: the newest by use; older ones are
+# deleted (and the count and size logged) so that a long series of runs cannot fill the disk.
+CACHE_KEEP = 4
+
+
+def prune_cache(cache_dir: str, desc: str, keep: int = CACHE_KEEP) -> tuple[int, int]:
+    """Delete all but the ``keep`` most recently used entries of ``desc`` in ``cache_dir``
+    (an entry: ``{desc}-{key}.arrow`` or its ``_i_of_n`` shards). Returns (entries, bytes) removed."""
+    pat = re.compile(rf"^{re.escape(desc)}-([0-9a-f]{{24}})(_\d+_of_\d+)?\.arrow$")
+    entries: dict[str, list[str]] = {}
+    for name in os.listdir(cache_dir):
+        m = pat.match(name)
+        if m:
+            entries.setdefault(m.group(1), []).append(os.path.join(cache_dir, name))
+    newest = sorted(entries, key=lambda k: max(os.path.getmtime(f) for f in entries[k]), reverse=True)
+    removed, size = 0, 0
+    for k in newest[keep:]:
+        for f in entries[k]:
+            size += os.path.getsize(f)
+            os.remove(f)
+        removed += 1
+    return removed, size
+
+
 def tokenize_records(records: list[dict], fn: Callable[[dict], Optional[dict]], *, cache_dir: Optional[str],
                      key, num_proc: Optional[int] = None, overwrite: bool = False,
                      desc: str = "tokenize") -> tuple[list[dict], dict]:
@@ -247,6 +272,14 @@ def tokenize_records(records: list[dict], fn: Callable[[dict], Optional[dict]], 
 
     if dist.is_main():
         ds = build()
+        if cache_file:
+            for f in [cache_file] + glob.glob(f"{stem}_*_of_*.arrow"):
+                if os.path.exists(f):
+                    os.utime(f)  # most recently used: kept by the pruning below
+            removed, size = prune_cache(cache_dir, desc)
+            if removed:
+                dist.print0(f"tokenized cache: removed {removed} older {desc} entries ({size / 2**20:.1f} MiB), "
+                            f"keeping the {CACHE_KEEP} most recently used")
     dist.barrier()
     if not dist.is_main():
         ds = build()  # loads rank 0's cache file when there is one
