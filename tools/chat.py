@@ -7,8 +7,10 @@
     python tools/chat.py --model_name_or_path Qwen/Qwen2.5-0.5B --adapter_name_or_path outputs/sft_lora
 
     # batch: one chat per jsonl row (messages / conversations / prompt / question / instruction),
-    # answers written in input order as the row plus "response"
+    # answers written in input order as the row plus "response"; a .txt (or any non-json) file holds
+    # one question a line (MedicalGPT's --data_file), answered as {"question": ..., "response": ...}
     python tools/chat.py --model_name_or_path outputs/sft --input_file q.jsonl --output_file a.jsonl
+    python tools/chat.py --model_name_or_path outputs/sft --input_file questions.txt
     torchrun --nproc_per_node 8 tools/chat.py ... --input_file q.jsonl --output_file a.jsonl   # split over ranks
 
 The prompt is rendered with the tokenizer's chat template (the one training exported), so the model
@@ -31,7 +33,7 @@ from medgpt_ds.inference import (
     generation_config,
     init_ranks,
     load_from_args,
-    read_jsonl,
+    read_prompts,
     record_to_messages,
     shard_map,
 )
@@ -61,11 +63,13 @@ def answer(chat, cfg, history: list[dict[str, str]]) -> str:
     """Stream one answer to stdout after "Assistant: "; Ctrl-C stops it and keeps what was said."""
     print("Assistant: ", end="", flush=True)
     text = ""
+    pieces = chat.stream(history, cfg)
     try:
-        for piece in chat.stream(history, cfg):
+        for piece in pieces:
             text += piece
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
+        pieces.close()  # stops generating at the next token
         print(" [interrupted]", end="")
     print(flush=True)
     return text
@@ -92,9 +96,22 @@ def interactive(chat, cfg, system_prompt: str | None) -> None:
         history.append({"role": "assistant", "content": answer(chat, cfg, history)})
 
 
-def batch(chat, cfg, args) -> None:
-    rows = read_jsonl(args.input_file)
-    chats = [record_to_messages(r, args.system_prompt) for r in rows]  # errors surface before generating
+def read_batch(args) -> tuple[list[dict], list[list[dict[str, str]]]]:
+    """The rows of --input_file and their chats, checked before the model loads: a bad row, an empty
+    file or an --output_file that cannot be written is an error now, not after an hour of generating."""
+    rows, where = read_prompts(args.input_file)
+    if not rows:
+        raise UserError(f"--input_file {args.input_file}: no records")
+    chats = [record_to_messages(r, args.system_prompt, w) for r, w in zip(rows, where)]
+    if args.output_file:
+        folder = os.path.dirname(os.path.abspath(args.output_file))
+        if os.path.isdir(args.output_file) or not os.path.isdir(folder):
+            raise UserError(f"--output_file {args.output_file}: " +
+                            ("is a folder; name a file" if os.path.isdir(args.output_file) else f"no folder {folder}"))
+    return rows, chats
+
+
+def batch(chat, cfg, args, rows: list[dict], chats: list[list[dict[str, str]]]) -> None:
     done = shard_map(lambda part: chat.generate(part, cfg), chats, args.batch_size)
     if done is None:  # not rank 0
         return
@@ -112,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     _, world = init_ranks()
     if args.input_file is None and world > 1:
         raise UserError("interactive chat and --prompt run on one rank; launch several ranks only with --input_file")
+    work = read_batch(args) if args.input_file else None
     chat = load_from_args(args)
     cfg = generation_config(args)
-    if args.input_file:
-        batch(chat, cfg, args)
+    if work is not None:
+        batch(chat, cfg, args, *work)
     elif args.prompt is not None:
         history = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         print(f"User: {args.prompt}", flush=True)
