@@ -3,6 +3,11 @@
     python tools/web_demo.py --model_name_or_path outputs/sft            # http://127.0.0.1:7860
     python tools/web_demo.py --model_name_or_path base --adapter_name_or_path outputs/sft_lora
 
+Type a question and press Enter or Send; Stop ends an answer early. Stop, closing the page or losing
+the connection cancels the generation at its next token, so the next question never waits for an
+answer nobody reads (each cancellation is logged). One answer is generated at a time; at most
+--max_queue questions wait, more are refused with "queue is full".
+
 Binds 127.0.0.1 unless --host says otherwise; never opens a public share link. Before exposing it beyond
 this machine require a login: MEDGPT_WEB_AUTH=user:password, or --auth_file FILE holding user:password
 (never on the command line, where every user of the machine sees it in `ps`).
@@ -33,25 +38,44 @@ def _text(content) -> str:
 
 
 def build_demo(chat: ChatModel, cfg: GenerationConfig, system_prompt: str | None = None, title: str | None = None):
-    """The gradio app: a chat box plus system prompt, max new tokens and temperature controls."""
+    """The gradio app: a chat box with Send and Stop buttons, plus system prompt, max new tokens and
+    temperature controls. Stop, a closed page or a lost connection cancel the generation at its
+    next token (gradio cancels or closes the answer generator), so the model is free for the next
+    question; each cancellation is logged with how far it got."""
     import gradio as gr
 
-    def respond(message, history, system, max_new_tokens, temperature):
+    def log_cancelled(pieces) -> None:  # in the generation thread, once it has ended
+        c = pieces.completion
+        if c is not None and c.finish_reason == "cancelled":
+            print(f"generation cancelled after {c.completion_tokens} tokens (Stop, or the page went away)", flush=True)
+
+    async def respond(message, history, system, max_new_tokens, temperature):
         msgs = [{"role": "system", "content": system}] if system and system.strip() else []
         msgs += [{"role": m["role"], "content": _text(m["content"])} for m in history if m.get("role") in ("user", "assistant")]
         msgs.append({"role": "user", "content": _text(message)})
         step = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=cfg.top_p,
                                 top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, stop=cfg.stop, seed=cfg.seed)
+        try:
+            pieces = chat.stream(msgs, step)
+        except UserError as e:  # the conversation no longer fits the context: say so in the page
+            raise gr.Error(str(e)) from None
+        pieces.add_done_callback(lambda: log_cancelled(pieces))
         answer = ""
-        for piece in chat.stream(msgs, step):
-            answer += piece
-            yield answer
+        try:
+            # async: waiting for a token holds no worker thread, and gradio's Stop (a task
+            # cancellation) lands here at once instead of after the next token
+            async for piece in pieces:
+                answer += piece
+                yield answer
+        finally:
+            pieces.close()  # no-op once finished
 
     return gr.ChatInterface(
         respond,
         title=title or f"medgpt-ds: {chat.name}",
         description="Answers come from a research model and are not medical advice.",
-        textbox=gr.Textbox(placeholder="Ask a medical question...", elem_id="question", scale=7),
+        textbox=gr.Textbox(placeholder="Ask a medical question...", elem_id="question", scale=7, submit_btn="Send",
+                           stop_btn="Stop"),
         additional_inputs=[
             gr.Textbox(value=system_prompt or "", label="System prompt"),
             gr.Slider(1, max(1, chat.max_length - 1), value=min(cfg.max_new_tokens, chat.max_length - 1), step=1,
@@ -74,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"file holding user:password, required to open the page (or set ${AUTH_ENV})")
     g.add_argument("--auth", default=None, help=argparse.SUPPRESS)  # refused: argv is visible in ps
     g.add_argument("--title", default=None)
+    g.add_argument("--max_queue", type=int, default=16,
+                   help="questions that may wait while one is answered; more are refused with 'queue is full'")
     args = p.parse_args(argv)
     if args.model_name_or_path is None and args.adapter_name_or_path is None:
         p.error("pass --model_name_or_path")
@@ -114,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo(chat, generation_config(args), args.system_prompt, args.title)
     # system fonts: the default theme links web fonts, which a closed network cannot fetch
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    demo.queue(default_concurrency_limit=1).launch(
+    demo.queue(default_concurrency_limit=1, max_size=args.max_queue).launch(
         server_name=args.host, server_port=args.port, share=False, ssr_mode=False, theme=theme,
         auth=auth, footer_links=[])
     return 0
