@@ -233,9 +233,8 @@ def create_app(chat: ChatModel, model_name: str, api_key: str | None = None, max
             admission.leave(time.monotonic() - began)
             raise
 
-        def ended() -> None:  # in the generation thread, once it is over
+        def ended(c) -> None:  # in the generation thread, once it is over
             admission.leave(time.monotonic() - began)
-            c = pieces.completion
             if c is not None and c.finish_reason == "cancelled":
                 why = "the server is stopping" if app.state.stopping else "client went away"
                 log.info("%s: %s; generation cancelled after %d tokens", cid, why, c.completion_tokens)
@@ -353,8 +352,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--host", "--server_name", dest="host", default="127.0.0.1",
+                   help="bind address (default loopback only); --server_name is MedicalGPT's openai_api.py name")
+    g.add_argument("--port", "--server_port", dest="port", type=int, default=8000)
     g.add_argument("--served_model_name", help="the 'model' clients send (default: the model dir's name)")
     g.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
                    help=f"require this bearer key (default: ${API_KEY_ENV}; prefer the env var, argv is visible in ps)")
@@ -372,7 +372,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--log_level", default="info")
     args = p.parse_args(argv)
     if args.model_name_or_path is None and args.adapter_name_or_path is None:
-        p.error("pass --model_name_or_path")
+        p.error("pass --model_name_or_path (MedicalGPT: --base_model)")
     if args.max_queue < 0 or args.stall_timeout <= 0 or args.shutdown_timeout < 0:
         p.error("--max_queue and --shutdown_timeout must be >= 0, --stall_timeout > 0")
     return args

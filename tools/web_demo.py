@@ -3,14 +3,17 @@
     python tools/web_demo.py --model_name_or_path outputs/sft            # http://127.0.0.1:7860
     python tools/web_demo.py --model_name_or_path base --adapter_name_or_path outputs/sft_lora
 
+    python tools/web_demo.py --base_model base --lora_model outputs/sft_lora --only_cpu   # MedicalGPT's flags
+
 Type a question and press Enter or Send; Stop ends an answer early. Stop, closing the page or losing
 the connection cancels the generation at its next token, so the next question never waits for an
 answer nobody reads (each cancellation is logged). One answer is generated at a time; at most
 --max_queue questions wait, more are refused with "queue is full".
 
-Binds 127.0.0.1 unless --host says otherwise; never opens a public share link. Before exposing it beyond
-this machine require a login: MEDGPT_WEB_AUTH=user:password, or --auth_file FILE holding user:password
-(never on the command line, where every user of the machine sees it in `ps`).
+Binds 127.0.0.1 unless --host says otherwise. Before exposing it beyond this machine require a login:
+MEDGPT_WEB_AUTH=user:password, or --auth_file FILE holding user:password (never on the command line,
+where every user of the machine sees it in `ps`). --share (a public gradio.live link) is refused
+without such a login; with one it opens the link, as gradio does.
 """
 import argparse
 import os
@@ -44,8 +47,7 @@ def build_demo(chat: ChatModel, cfg: GenerationConfig, system_prompt: str | None
     question; each cancellation is logged with how far it got."""
     import gradio as gr
 
-    def log_cancelled(pieces) -> None:  # in the generation thread, once it has ended
-        c = pieces.completion
+    def log_cancelled(c) -> None:  # in the generation thread, once it has ended
         if c is not None and c.finish_reason == "cancelled":
             print(f"generation cancelled after {c.completion_tokens} tokens (Stop, or the page went away)", flush=True)
 
@@ -59,7 +61,7 @@ def build_demo(chat: ChatModel, cfg: GenerationConfig, system_prompt: str | None
             pieces = chat.stream(msgs, step)
         except UserError as e:  # the conversation no longer fits the context: say so in the page
             raise gr.Error(str(e)) from None
-        pieces.add_done_callback(lambda: log_cancelled(pieces))
+        pieces.add_done_callback(log_cancelled)
         answer = ""
         try:
             # async: waiting for a token holds no worker thread, and gradio's Stop (a task
@@ -100,9 +102,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--title", default=None)
     g.add_argument("--max_queue", type=int, default=16,
                    help="questions that may wait while one is answered; more are refused with 'queue is full'")
+    g.add_argument("--share", action="store_true",
+                   help="also publish a public gradio.live link (needs a login: --auth_file or $" + AUTH_ENV + ")")
+    g.add_argument("--context_len", type=int, default=None,
+                   help="cap on prompt + answer tokens (default: the model's own context length)")
     args = p.parse_args(argv)
+    if args.context_len is not None and args.context_len < 2:
+        p.error("--context_len must be at least 2")
     if args.model_name_or_path is None and args.adapter_name_or_path is None:
-        p.error("pass --model_name_or_path")
+        p.error("pass --model_name_or_path (MedicalGPT: --base_model)")
     return args
 
 
@@ -127,10 +135,20 @@ def read_auth(args) -> tuple[str, str] | None:
     return user, password
 
 
+def check_share(args, auth) -> None:
+    """--share publishes the demo on a public URL: only behind a login."""
+    if args.share and auth is None:
+        raise UserError(f"--share would publish this medical demo on a public gradio.live URL without a login; it binds "
+                        f"{args.host}:{args.port} on this machine (reach it from elsewhere with ssh -L "
+                        f"{args.port}:127.0.0.1:{args.port}). To share it anyway set a login: {AUTH_ENV}=user:password "
+                        "or --auth_file FILE")
+
+
 @main_boundary
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     auth = read_auth(args)
+    check_share(args, auth)
     check_inference_model(args)
     import gradio as gr
 
@@ -141,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     # system fonts: the default theme links web fonts, which a closed network cannot fetch
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     demo.queue(default_concurrency_limit=1, max_size=args.max_queue).launch(
-        server_name=args.host, server_port=args.port, share=False, ssr_mode=False, theme=theme,
+        server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, theme=theme,
         auth=auth, footer_links=[])
     return 0
 
