@@ -251,14 +251,21 @@ class ChatModel:
                               stop_strings=[*self.template_stops, *cfg.stop],
                               repetition_penalty=cfg.repetition_penalty)
 
-    def health(self) -> dict[str, Any]:
-        """{"running": a generation holds the model, "waiting": queued behind it,
-        "seconds_without_progress": since the running one got the model or made its last token
-        (0 when idle), and the counts of finished generations by how they ended}."""
+    def health(self, stall_timeout: float = float("inf")) -> dict[str, Any]:
+        """{"status": "ok", or "unhealthy" with a "reason" once the running generation has made no
+        token for ``stall_timeout`` seconds (a wedged GPU or kernel), "running": a generation holds
+        the model, "waiting": queued behind it, "seconds_without_progress": since the running one got
+        the model or made its last token (0 when idle), and the counts of finished generations by how
+        they ended}: a server's /health."""
         started, now = self._started, time.monotonic()
         idle = 0.0 if started is None else round(now - max(self._progress, started), 3)
-        return {"running": started is not None, "waiting": self.turns.waiting, "seconds_without_progress": idle,
-                **self.counts}
+        wedged = started is not None and idle > stall_timeout
+        state = {"status": "unhealthy" if wedged else "ok", "running": started is not None,
+                 "waiting": self.turns.waiting, "seconds_without_progress": idle, **self.counts}
+        if wedged:
+            state["reason"] = (f"the running generation has made no token for {idle:.0f} s (--stall_timeout "
+                               f"{stall_timeout:g}): the model is wedged; restart the server")
+        return state
 
     def cancel_all(self, timeout: float) -> bool:
         """Cancel every stream, queued or generating, and wait up to ``timeout`` seconds for their

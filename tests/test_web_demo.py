@@ -100,6 +100,9 @@ def test_web_demo_in_headless_chromium(echo_model_dir, tmp_path):
         else:
             pytest.fail("web demo did not come up")
 
+        h = httpx.get(f"{url}health", timeout=10)
+        assert h.status_code == 200 and h.json()["status"] == "ok" and not h.json()["running"]
+
         opts = webdriver.ChromeOptions()
         opts.binary_location = CHROMIUM
         for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
@@ -149,6 +152,8 @@ def test_web_demo_in_headless_chromium(echo_model_dir, tmp_path):
             answered(f"A {words[i % len(words)]}")
         wait(lambda: len(cancelled()) == 11, "every closed page to cancel its generation")
         assert all(n < LONG for n in cancelled())
+        h = httpx.get(f"{url}health", timeout=10).json()
+        assert (h["status"], h["running"], h["cancelled"], h["completed"], h["failed"]) == ("ok", False, 11, 12, 0)
     finally:
         if driver is not None:
             driver.quit()

@@ -211,14 +211,9 @@ def create_app(chat: ChatModel, model_name: str, api_key: str | None = None, max
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        state = chat.health()
-        wedged = state["running"] and state["seconds_without_progress"] > stall_timeout
-        body = {"status": "unhealthy" if wedged else "ok", "model": model_name, **state,
-                "queue": {"active": admission.active, "limit": admission.limit}}
-        if wedged:
-            body["reason"] = (f"the running generation has made no token for {state['seconds_without_progress']:.0f} s "
-                              f"(--stall_timeout {stall_timeout:g}): the model is wedged; restart the server")
-        return JSONResponse(body, status_code=503 if wedged else 200)
+        state = chat.health(stall_timeout)
+        body = {**state, "model": model_name, "queue": {"active": admission.active, "limit": admission.limit}}
+        return JSONResponse(body, status_code=200 if state["status"] == "ok" else 503)
 
     def start(messages: list[dict[str, str]], cfg: GenerationConfig, cid: str) -> TextStream:
         """Admit the request (503 when the queue is full) and start its generation."""

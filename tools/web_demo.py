@@ -8,7 +8,8 @@
 Type a question and press Enter or Send; Stop ends an answer early. Stop, closing the page or losing
 the connection cancels the generation at its next token, so the next question never waits for an
 answer nobody reads (each cancellation is logged). One answer is generated at a time; at most
---max_queue questions wait, more are refused with "queue is full".
+--max_queue questions wait, more are refused with "queue is full". GET /health (no login) answers 503
+"unhealthy" once the running generation has made no token for --stall_timeout seconds.
 
 Binds 127.0.0.1 unless --host says otherwise. Before exposing it beyond this machine require a login:
 MEDGPT_WEB_AUTH=user:password, or --auth_file FILE holding user:password (never on the command line,
@@ -102,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--title", default=None)
     g.add_argument("--max_queue", type=int, default=16,
                    help="questions that may wait while one is answered; more are refused with 'queue is full'")
+    g.add_argument("--stall_timeout", type=float, default=120.0,
+                   help="/health answers 503 once the running generation has made no token for this many seconds")
     g.add_argument("--share", action="store_true",
                    help="also publish a public gradio.live link (needs a login: --auth_file or $" + AUTH_ENV + ")")
     g.add_argument("--context_len", type=int, default=None,
@@ -158,10 +161,24 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo(chat, generation_config(args), args.system_prompt, args.title)
     # system fonts: the default theme links web fonts, which a closed network cannot fetch
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    demo.queue(default_concurrency_limit=1, max_size=args.max_queue).launch(
+    app, _, _ = demo.queue(default_concurrency_limit=1, max_size=args.max_queue).launch(
         server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, theme=theme,
-        auth=auth, footer_links=[])
+        auth=auth, footer_links=[], prevent_thread_lock=True)
+    add_health_route(app, chat, args.stall_timeout)
+    demo.block_thread()  # until Ctrl-C; SIGTERM ends the process at once (gradio sets no handler for it)
     return 0
+
+
+def add_health_route(app, chat: ChatModel, stall_timeout: float) -> None:
+    """GET /health on the demo's server (no login): 200 {"status": "ok", ...}, or 503 "unhealthy"
+    with the reason once the running generation has made no token for ``stall_timeout`` seconds."""
+    from fastapi.responses import JSONResponse
+
+    async def health() -> JSONResponse:
+        state = chat.health(stall_timeout)
+        return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
+
+    app.add_api_route("/health", health, methods=["GET"])
 
 
 if __name__ == "__main__":
