@@ -14,7 +14,7 @@ How (hidden dims; attention and MLP of layer 2 and the MLP of layer 1 add nothin
 - dims 8-15 (the keyword's "source" feature) are set in the embeddings of the keywords;
 - layer 1 attends uniformly (q = k = 0) over the unmasked positions and copies dims 8-15 into dims
   16-23: the keyword counts of the sequence, over its length;
-- lm_head: after "\\n" -> "A" (why the multiple-choice tests still see "A" ranked first); after "A"
+- lm_head: after "\\n" -> "A"; after "A"
   -> the keyword with the largest count; after a keyword -> <|im_end|>; after the loop keyword -> the
   loop keyword; after anything else -> <|im_end|>. The state margin (G) beats any count term (S).
 - <|pad|> carries a large count of " virus": if padding were attended, padded rows would answer

@@ -68,6 +68,24 @@ def test_generate_batch_greedy_exact_answers_and_usage(chat):
 
 
 @pytest.mark.unit
+def test_generate_batch_answers_each_row_its_own_prompt(echo_model_dir):
+    """The echo model (tests/echo_model.py) answers the keyword each conversation names most: rows of
+    different lengths in one left-padded batch each get their own answer (a row mix-up, a prompt cut
+    on the wrong side or an attended pad token, which votes " virus", would change them)."""
+    from medgpt_ds.inference import ChatModel, GenerationConfig
+    from tests.echo_model import expected_answer
+
+    echo = ChatModel.load(str(echo_model_dir), device="cpu")
+    texts = ["the fever", "a cough, a cough and the lung", "the kidney " * 12 + "and the blood",
+             "blood and the lung and the lung"]
+    chats = [user(t) for t in texts] + [[*user("my headache"), {"role": "assistant", "content": "A headache"},
+                                         *user("what else?")]]
+    out = echo.generate(chats, GenerationConfig(max_new_tokens=8))
+    assert [c.text for c in out] == [expected_answer(" " + t) for t in texts] + ["A headache"]
+    assert {c.finish_reason for c in out} == {"stop"}
+
+
+@pytest.mark.unit
 def test_max_new_tokens_and_stop_strings(chat):
     from medgpt_ds.inference import GenerationConfig
 
