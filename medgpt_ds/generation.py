@@ -159,11 +159,12 @@ class StopCriterion(StoppingCriteria):
     decoded tail completes a stop string, and the criterion records how many tokens it had then
     (generate pads after that, and pad may equal eos). ``cancel`` (a ``threading.Event``) is checked
     after every token: once set, every row ends at the next token, so a consumer that went away
-    stops a running generation without waiting for it to finish."""
+    stops a running generation without waiting for it to finish. ``on_token`` (no arguments), when
+    given, is called after every token too: the serving watchdog's sign of progress."""
 
     def __init__(self, tokenizer, prompt_length: int, stop_ids: list[int], stop_strings: list[str], batch: int,
-                 device, cancel=None):
-        self.tokenizer, self.prompt_length, self.cancel = tokenizer, prompt_length, cancel
+                 device, cancel=None, on_token=None):
+        self.tokenizer, self.prompt_length, self.cancel, self.on_token = tokenizer, prompt_length, cancel, on_token
         self.stop_ids = torch.tensor(stop_ids or [-1], device=device)
         self.stop_strings = list(stop_strings)
         # a stop string spans at most this many tokens (byte-level pieces can be < 1 char)
@@ -179,6 +180,8 @@ class StopCriterion(StoppingCriteria):
                 if any(s in tail for s in self.stop_strings):
                     hit[i] = True
         self.end = torch.where(hit & (self.end < 0), n, self.end)
+        if self.on_token is not None:
+            self.on_token()
         if self.cancel is not None and self.cancel.is_set():
             return torch.ones_like(hit)
         return self.end >= 0
@@ -229,24 +232,25 @@ class HFBackend:
     ("per_token"): the ZeRO-3 hooks gather each layer at every decoding step, so all ranks must run
     the same number of forwards: ``synced_gpus=True`` keeps finished ranks stepping (without it, ranks
     that stop at different lengths deadlock). ZeRO-0/1/2 and plain modules: plain generate.
-    ``streamer`` and ``cancel`` are for serving (tokens streamed as they come; a cancellation event).
+    ``streamer``, ``cancel`` and ``on_token`` are for serving (tokens streamed as they come; a
+    cancellation event and a progress callback, both seen after every token: ``StopCriterion``).
     """
 
     def __init__(self, engine, tokenizer, params: SamplingParams, *, zero3: bool = False, gather: bool = True,
-                 batch_size: Optional[int] = None, device=None, streamer=None, cancel=None):
+                 batch_size: Optional[int] = None, device=None, streamer=None, cancel=None, on_token=None):
         self.engine, self.tokenizer, self.params = engine, tokenizer, params
         self.module = getattr(engine, "module", engine)  # an engine's model, or the model itself
         self.zero3, self.gather, self.batch_size = zero3, gather, batch_size
         self.synced_gpus = zero3 and not gather and dist.world_size() > 1
         self.device = device if device is not None else dist.device()
-        self.streamer, self.cancel = streamer, cancel
+        self.streamer, self.cancel, self.on_token = streamer, cancel, on_token
 
     def _context(self):
         return gathered_for_generation(self.engine) if self.zero3 and self.gather else nullcontext(self.module)
 
     def _generate(self, model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         stop = StopCriterion(self.tokenizer, ids.size(1), self.params.stop_token_ids, self.params.stop_strings,
-                             ids.size(0), ids.device, self.cancel)
+                             ids.size(0), ids.device, self.cancel, self.on_token)
         extra = {"streamer": self.streamer} if self.streamer is not None else {}
         out = model.generate(input_ids=ids, attention_mask=mask.long(), stopping_criteria=[stop],
                              synced_gpus=self.synced_gpus, **self.params.generate_kwargs(), **extra)

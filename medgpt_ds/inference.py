@@ -11,20 +11,27 @@ Used by tools/chat.py, tools/serve.py, tools/web_demo.py and tools/evaluate.py.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import dataclasses
+import functools
 import json
 import os
+import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from medgpt_ds import dist
 from medgpt_ds.data.templates import get_chat_template, turn_terminators
-from medgpt_ds.generation import Generation, HFBackend, SamplingParams, cut_at_stop
+from medgpt_ds.errors import PathNotFound, UserError
+from medgpt_ds.generation import HFBackend, SamplingParams, cut_at_stop
 from medgpt_ds.model import load_adapter
 
 Messages = list[dict[str, str]]
@@ -50,7 +57,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+        raise UserError(f"--dtype {dtype}: unknown; choose auto, float32, bfloat16 or float16")
     return table[dtype]
 
 
@@ -70,14 +77,14 @@ def resolve_paths(model_name_or_path: str | None, adapter: str | None = None,
     if adapter is None and _is_adapter_dir(model_name_or_path):
         adapter, model_name_or_path = model_name_or_path, None
     if adapter is not None and not _is_adapter_dir(adapter):
-        raise FileNotFoundError(f"{adapter}: not a LoRA adapter dir (no adapter_config.json)")
+        raise PathNotFound(f"{adapter}: not a LoRA adapter dir (no adapter_config.json)")
     if model_name_or_path is None:
         if adapter is None:
-            raise ValueError("pass --model_name_or_path (a HF model dir) and optionally --adapter_name_or_path")
+            raise UserError("pass --model_name_or_path (a HF model dir) and optionally --adapter_name_or_path")
         with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
             model_name_or_path = json.load(f).get("base_model_name_or_path")
         if not model_name_or_path:
-            raise ValueError(f"{adapter}/adapter_config.json names no base model; pass --model_name_or_path")
+            raise UserError(f"{adapter}/adapter_config.json names no base model; pass --model_name_or_path")
     if tokenizer_name_or_path is None:
         tokenizer_name_or_path = adapter if _has_tokenizer(adapter) else model_name_or_path
     return model_name_or_path, adapter, tokenizer_name_or_path
@@ -139,15 +146,59 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of turn or stop string) or "length"
+    finish_reason: str  # "stop" (end of turn or stop string), "length", or "cancelled" (the stream was closed)
+
+
+class ModelTurns:
+    """First come, first served use of the model: one generation at a time, the others wait in
+    order. A waiter gives up when its cancellation event is set (a client that went away while
+    queued never holds the model)."""
+
+    POLL_S = 0.05  # how often a waiter looks at its cancellation event
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: collections.deque[threading.Event] = collections.deque()
+
+    def acquire(self, cancel: threading.Event | None = None) -> bool:
+        """Wait for this caller's turn; False (and out of the queue) once ``cancel`` is set."""
+        me = threading.Event()
+        with self._lock:
+            self._queue.append(me)
+            if self._queue[0] is me:
+                me.set()
+        while not me.wait(self.POLL_S):
+            if cancel is not None and cancel.is_set():
+                with self._lock:
+                    if not me.is_set():
+                        self._queue.remove(me)
+                        return False
+                self.release()  # the turn came while giving up: pass it on
+                return False
+        return True
+
+    def release(self) -> None:
+        """End the current turn and start the next waiter's."""
+        with self._lock:
+            self._queue.popleft()
+            if self._queue:
+                self._queue[0].set()
+
+    @property
+    def waiting(self) -> int:
+        """Callers queued behind the current turn."""
+        return max(len(self._queue) - 1, 0)
 
 
 class ChatModel:
-    """A causal LM + tokenizer + chat template, ready to answer chats."""
+    """A causal LM + tokenizer + chat template, ready to answer chats.
+
+    Generations run one at a time in arrival order (``turns``); ``health()`` tells whether one is
+    running and how long since it produced a token (the server's watchdog)."""
 
     def __init__(self, model, tokenizer, name: str = "model", context_len: int | None = None):
         if not tokenizer.chat_template:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer of {name} has no chat_template; models exported by medgpt-ds carry the training "
                 "template, otherwise pass --template_name (the one used in training)")
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -155,7 +206,12 @@ class ChatModel:
         self.device = next(model.parameters()).device
         self.eos_ids, self.template_stops = turn_terminators(
             tokenizer, eos_token_id=getattr(model.generation_config, "eos_token_id", None))
-        self.lock = threading.Lock()  # one generation at a time (the server runs handlers in threads)
+        self.turns = ModelTurns()
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}  # generations, by how they ended
+        self._counts_lock = threading.Lock()
+        self._live: set[_Channel] = set()  # streams whose generation thread has not ended (cancel_all)
+        self._started: float | None = None  # monotonic time the running generation got the model
+        self._progress = 0.0  # monotonic time of its last token (or of its start)
 
     @classmethod
     def load(cls, model_name_or_path: str | None, adapter: str | None = None, tokenizer_name_or_path: str | None = None,
@@ -195,172 +251,383 @@ class ChatModel:
                               stop_strings=[*self.template_stops, *cfg.stop],
                               repetition_penalty=cfg.repetition_penalty)
 
+    def health(self, stall_timeout: float = float("inf")) -> dict[str, Any]:
+        """{"status": "ok", or "unhealthy" with a "reason" once the running generation has made no
+        token for ``stall_timeout`` seconds (a wedged GPU or kernel), "running": a generation holds
+        the model, "waiting": queued behind it, "seconds_without_progress": since the running one got
+        the model or made its last token (0 when idle), and the counts of finished generations by how
+        they ended}: a server's /health."""
+        started, now = self._started, time.monotonic()
+        idle = 0.0 if started is None else round(now - max(self._progress, started), 3)
+        wedged = started is not None and idle > stall_timeout
+        state = {"status": "unhealthy" if wedged else "ok", "running": started is not None,
+                 "waiting": self.turns.waiting, "seconds_without_progress": idle, **self.counts}
+        if wedged:
+            state["reason"] = (f"the running generation has made no token for {idle:.0f} s (--stall_timeout "
+                               f"{stall_timeout:g}): the model is wedged; restart the server")
+        return state
+
+    def cancel_all(self, timeout: float) -> bool:
+        """Cancel every stream, queued or generating, and wait up to ``timeout`` seconds for their
+        threads to end (a server shutting down). False when one is still running: a generation that
+        makes no token never looks at its cancellation (a wedged kernel)."""
+        with self._counts_lock:
+            live = list(self._live)
+        for ch in live:
+            ch.close()
+        deadline = time.monotonic() + timeout
+        for ch in live:
+            ch.thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(ch.thread.is_alive() for ch in live)
+
+    def _count(self, how: str) -> None:
+        with self._counts_lock:
+            self.counts[how] += 1
+
+    def _tick(self) -> None:  # after every generated token (StopCriterion): progress for the watchdog
+        self._progress = time.monotonic()
+
+    def _backend(self, params: SamplingParams, streamer=None, cancel=None) -> HFBackend:
+        return HFBackend(self.model, self.tokenizer, params, device=self.device, streamer=streamer, cancel=cancel,
+                         on_token=self._tick)
+
+    def _run(self, seed: int | None, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with the model: the caller holds its turn; seeds the RNG, times it for health()."""
+        self._started = self._progress = time.monotonic()
+        try:
+            if seed is not None:
+                torch.manual_seed(seed)
+            return fn()
+        finally:
+            self._started = None
+
     @torch.no_grad()
     def generate(self, chats: Sequence[Messages], cfg: GenerationConfig | None = None) -> list[Completion]:
         """Answer a batch of chats (left-padded into one generate call)."""
         cfg = cfg or GenerationConfig()
         prompts = [self.encode(m) for m in chats]
         params = self.sampling_params(cfg, prompts)
-        with self.lock:
-            if cfg.seed is not None:
-                torch.manual_seed(cfg.seed)
-            gen = HFBackend(self.model, self.tokenizer, params, device=self.device).generate(prompts)
+        self.turns.acquire()
+        try:
+            gen = self._run(cfg.seed, lambda: self._backend(params).generate(prompts))
+        except BaseException:
+            self._count("failed")
+            raise
+        finally:
+            self.turns.release()
+        self._count("completed")
         rows = gen.responses()  # each up to and including the token that ended the turn
         return [self._completion(row, bool(ended), len(p), params) for row, ended, p in zip(rows, gen.has_eos, prompts)]
 
     def _completion(self, row: list[int], has_eos: bool, prompt_tokens: int, params: SamplingParams,
-                    text: str | None = None, stopped: bool = False) -> Completion:
+                    text: str | None = None, stopped: bool = False, closed: bool = False) -> Completion:
         """A generated row as a Completion: its text cut at the first stop string (unless given), and
-        "stop" when the turn ended (stop token or string) or was cut short, "length" at the limit."""
+        "stop" when the turn ended (stop token or string), "length" at the limit, "cancelled" when
+        the consumer closed the stream before either."""
         if text is None:
             text, stopped = cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), params.stop_strings)
-        ended = has_eos or stopped or len(row) < params.max_new_tokens
-        return Completion(text, prompt_tokens, len(row), "stop" if ended else "length")
+        if has_eos or stopped:
+            reason = "stop"
+        elif len(row) >= params.max_new_tokens:
+            reason = "length"
+        else:
+            reason = "cancelled" if closed else "stop"
+        return Completion(text, prompt_tokens, len(row), reason)
 
     def _room(self, prompts: list[list[int]], max_new_tokens: int) -> int:
         """max_new_tokens, lowered to what fits in the context after the longest prompt."""
         longest = max(len(p) for p in prompts)
         if longest >= self.max_length:
-            raise ValueError(f"prompt of {longest} tokens does not fit the model's context length {self.max_length}")
+            raise UserError(f"prompt of {longest} tokens does not fit the model's context length {self.max_length}")
         return min(max_new_tokens, self.max_length - longest)
 
     def stream(self, messages: Messages, cfg: GenerationConfig | None = None) -> TextStream:
-        """Iterate the answer in text pieces as tokens are generated; text that might be the start of
-        a stop string is held back until it is known not to be one. Once exhausted, the stream's
-        `.completion` holds the Completion (token counts, finish reason); close() stops generating."""
-        out = TextStream()
-        out._pieces = self._stream(messages, cfg, out)
-        return out
-
-    def _stream(self, messages: Messages, cfg: GenerationConfig | None, out: TextStream) -> Iterator[str]:
+        """Start answering ``messages`` in a thread of its own and return the answer's pieces as they
+        are generated (iterate with ``for`` or ``async for``); text that might be the start of a stop
+        string is held back until it is known not to be one. ``close()`` (or dropping the stream)
+        cancels the generation at its next token, or takes it out of the queue, and never blocks.
+        Errors in the prompt (context length) are raised here, before anything starts."""
         cfg = cfg or GenerationConfig()
         prompt = self.encode(messages)
         params = self.sampling_params(cfg, [prompt])
-        stop = params.stop_strings
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = threading.Event()
-        backend = HFBackend(self.model, self.tokenizer, params, device=self.device, streamer=streamer, cancel=cancel)
-        box: dict[str, Any] = {}
+        channel = _Channel(params.stop_strings)
+        channel.thread = threading.Thread(target=self._stream_worker, args=(prompt, params, cfg.seed, channel),
+                                          daemon=True, name="medgpt-generate")
+        with self._counts_lock:
+            self._live.add(channel)
+        channel.thread.start()
+        return TextStream(channel)
 
-        def work() -> None:
+    @torch.no_grad()
+    def _stream_worker(self, prompt: list[int], params: SamplingParams, seed: int | None, ch: _Channel) -> None:
+        """The generation thread of one stream: waits for its turn (giving up when cancelled), generates,
+        and always ends the channel, so neither the consumer nor the next request can be left waiting.
+        The turn is taken and released here, never in the consumer's thread."""
+        try:
+            if not self.turns.acquire(ch.cancel):
+                ch.completion = Completion("", len(prompt), 0, "cancelled")
+                self._count("cancelled")
+                return
             try:
-                box["gen"] = backend.generate([prompt])
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread below
-                box["error"] = e
-                streamer.end()
-
-        hold = max((len(s) for s in stop), default=1) - 1
-        text, sent, stopped, drained = "", 0, False, False
-        with self.lock:
-            if cfg.seed is not None:
-                torch.manual_seed(cfg.seed)
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            try:
-                for piece in streamer:
-                    text += piece
-                    cut, stopped = cut_at_stop(text, stop)
-                    if stopped:
-                        cancel.set()
-                        if len(cut) > sent:
-                            yield cut[sent:]
-                        sent = len(cut)
-                        break
-                    safe = len(text) - hold
-                    if safe > sent:
-                        yield text[sent:safe]
-                        sent = safe
-                else:
-                    drained = True
-                    if len(text) > sent:
-                        yield text[sent:]
-                        sent = len(text)
+                backend = self._backend(params, streamer=_PieceStreamer(self.tokenizer, ch), cancel=ch.cancel)
+                gen = self._run(seed, lambda: backend.generate([prompt]))
             finally:
-                cancel.set()  # the consumer went away (client disconnect) or stopped: end generation
-                if not drained:
-                    for _ in streamer:  # until generate() ends the stream
-                        pass
-                thread.join()
-        if "error" in box:
-            raise box["error"]
-        gen: Generation = box["gen"]
-        out.completion = self._completion(gen.responses()[0], bool(gen.has_eos[0]), len(prompt), params,
-                                          text=text[:sent], stopped=stopped)
+                self.turns.release()
+            ch.completion = self._completion(gen.responses()[0], bool(gen.has_eos[0]), len(prompt), params,
+                                             text=ch.text[:ch.sent], stopped=ch.stopped, closed=ch.closed)
+            self._count("cancelled" if ch.completion.finish_reason == "cancelled" else "completed")
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, who re-raises it
+            ch.error = e
+            self._count("failed")
+        finally:
+            with self._counts_lock:
+                self._live.discard(ch)
+            ch.finish()
+
+
+class _Channel:
+    """What a stream's generation thread and its consumer share: the pieces (a queue the generation
+    thread fills and always ends), the cancellation event, the stop-string hold-back, the outcome."""
+
+    END = object()
+
+    def __init__(self, stop: list[str]) -> None:
+        self.pieces: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancel = threading.Event()
+        self.done = threading.Event()
+        self.closed = False  # the consumer closed the stream (or dropped it)
+        self.stop, self.hold = stop, max((len(s) for s in stop), default=1) - 1
+        self.text, self.sent, self.stopped = "", 0, False
+        self.completion: Completion | None = None
+        self.error: BaseException | None = None
+        self.wake: Callable[[], None] | None = None  # an async consumer's wake-up, set before it waits
+        self.thread: threading.Thread | None = None  # the generation thread (ChatModel.stream)
+        self._callbacks: list[Callable[[Completion | None], None]] = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.closed = True
+        self.cancel.set()
+
+    def put(self, item: Any) -> None:
+        self.pieces.put(item)
+        wake = self.wake
+        if wake is not None:
+            wake()
+
+    def feed(self, text: str, end: bool) -> None:
+        """New decoded text from the streamer (generation thread): send what is known not to start a
+        stop string; at a stop string send up to it and end the generation."""
+        if self.stopped:
+            return
+        self.text += text
+        cut, self.stopped = cut_at_stop(self.text, self.stop)
+        if self.stopped:
+            self.cancel.set()
+            self._send(cut)
+        else:
+            self._send(self.text if end else self.text[:len(self.text) - self.hold])
+
+    def _send(self, upto: str) -> None:
+        if len(upto) > self.sent:
+            self.put(upto[self.sent:])
+            self.sent = len(upto)
+
+    def finish(self) -> None:
+        """The generation thread is done (finished, cancelled or failed): run the callbacks, then end
+        the pieces (so a consumer that saw the end also sees what the callbacks did, e.g. a server's
+        queue place given back before its client can send the next request)."""
+        with self._lock:
+            self.done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        try:
+            for fn in callbacks:
+                fn(self.completion)
+        finally:
+            self.put(self.END)
+
+    def add_done_callback(self, fn: Callable[[Completion | None], None]) -> None:
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self.completion)
+
+
+class _PieceStreamer(TextStreamer):
+    """transformers' word-wise text streamer, feeding a stream's channel (in the generation thread)."""
+
+    def __init__(self, tokenizer, channel: _Channel):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.channel = channel
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.channel.feed(text, stream_end)
 
 
 class TextStream:
-    """Iterator of answer pieces from ChatModel.stream; `.completion` is set once it is exhausted."""
+    """The answer pieces of ChatModel.stream, generated in their own thread. Iterate it with ``for``
+    (blocking) or ``async for`` (awaits without holding a thread); ``.completion`` is set once it is
+    exhausted (token counts, finish reason). ``close()`` cancels the generation and returns at once;
+    a stream dropped without close() is cancelled when it is garbage-collected."""
 
-    def __init__(self) -> None:
-        self.completion: Completion | None = None
-        self._pieces: Iterator[str] = iter(())
+    def __init__(self, channel: _Channel) -> None:
+        self._ch = channel
+        weakref.finalize(self, channel.close)  # never blocks, whichever thread collects the stream
+
+    @property
+    def completion(self) -> Completion | None:
+        return self._ch.completion
+
+    @property
+    def done(self) -> bool:
+        """The generation thread has ended (the model is free of this stream)."""
+        return self._ch.done.is_set()
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        return self._take(self._ch.pieces.get(), StopIteration)
+
+    def __aiter__(self) -> TextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        loop = asyncio.get_running_loop()
+        while True:
+            ready = asyncio.Event()
+            self._ch.wake = functools.partial(_call_soon, loop, ready.set)  # before looking: no lost wake-up
+            try:
+                item = self._ch.pieces.get_nowait()
+            except queue.Empty:
+                await ready.wait()
+                continue
+            return self._take(item, StopAsyncIteration)
+
+    def _take(self, item: Any, stop: type[Exception]) -> str:
+        if item is _Channel.END:
+            self._ch.pieces.put(item)  # every later next() ends too
+            if self._ch.error is not None:
+                raise self._ch.error
+            raise stop
+        return item
 
     def close(self) -> None:
-        self._pieces.close()
+        """Cancel the generation (at its next token, or in the queue); returns at once."""
+        self._ch.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the generation thread has ended; False on timeout."""
+        return self._ch.done.wait(timeout)
+
+    def add_done_callback(self, fn: Callable[[Completion | None], None]) -> None:
+        """Call ``fn(completion)`` once the generation thread has ended (from that thread; now if it
+        has); completion is None when the generation failed. ``fn`` should not hold this stream:
+        a stream dropped without close() is only cancelled once nothing holds it."""
+        self._ch.add_done_callback(fn)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> None:
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the consumer's event loop is closed: nobody is waiting any more
+        pass
 
 
 # ---------------------------------------------------------------- prompts from records
 
-def record_to_messages(row: dict[str, Any], system_prompt: str | None = None) -> Messages:
+def record_to_messages(row: dict[str, Any], system_prompt: str | None = None, where: str = "record") -> Messages:
     """One chat per input record, for batch inference. Accepts {"messages": [...]} (a trailing
     assistant turn is dropped: it is the reference answer), sharegpt {"conversations": [...]},
-    {"prompt": str | messages}, {"question": str}, alpaca {"instruction", "input"}, {"text": str}."""
+    {"prompt": str | messages}, {"question": str}, alpaca {"instruction", "input"}, {"text": str}.
+    A record none of these fit is a UserError naming ``where`` (file:line)."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
     if "messages" in row or "conversations" in row:
-        raw = row.get("messages") or row.get("conversations") or []
+        key = "messages" if "messages" in row else "conversations"
+        raw = row[key]
+        if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+            raise UserError(f"{where}: field '{key}': expected a list of {{role, content}} objects")
         msgs = [{"role": roles.get(m.get("role") or m.get("from"), m.get("role") or m.get("from")),
                  "content": m.get("content", m.get("value", ""))} for m in raw]
     elif isinstance(row.get("prompt"), list):
+        if not all(isinstance(m, dict) and "role" in m for m in row["prompt"]):
+            raise UserError(f"{where}: field 'prompt': expected a string or a list of {{role, content}} objects")
         msgs = [dict(m) for m in row["prompt"]]
     else:
         text = row.get("prompt") or row.get("question") or row.get("text")
         if text is None and "instruction" in row:
-            text = "\n".join(x for x in (row["instruction"], row.get("input") or "") if x)
+            text = "\n".join(x for x in (row["instruction"], row.get("input") or "") if isinstance(x, str) and x)
         if not isinstance(text, str) or not text.strip():
-            raise ValueError("record has no prompt: expected messages, conversations, prompt, question, "
-                             f"instruction or text (keys: {sorted(row)})")
+            raise UserError(f"{where}: no prompt: expected a non-empty messages, conversations, prompt, question, "
+                            f"instruction or text field (keys: {', '.join(sorted(row)) or 'none'})")
         msgs = [{"role": "user", "content": text}]
     while msgs and msgs[-1]["role"] == "assistant":
         msgs.pop()
-    if not msgs:
-        raise ValueError("record has no user turn")
+    if not msgs or not any(m["role"] == "user" for m in msgs):
+        raise UserError(f"{where}: no user turn to answer")
     if system_prompt and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
     return msgs
 
 
+def _lines(path: str):
+    """(line number, text) of a UTF-8 file; a missing file or invalid UTF-8 is a UserError naming it."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise PathNotFound(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+
+
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The JSON value of every non-blank line; invalid JSON or UTF-8 is a UserError naming file:line."""
+    return [row for _, row in _parse_json_lines(path, _lines(path))]
+
+
+def _parse_json_lines(path: str, lines) -> list[tuple[int, Any]]:
+    """(line number, JSON value) of every non-blank (line number, text) of ``lines``."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+    for n, line in lines:
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
     return rows
 
 
-def read_prompt_file(path: str) -> tuple[list[dict[str, Any]], bool]:
-    """(rows, plain) of a batch-inference file. ``.jsonl`` / ``.json`` files, and any file whose first
-    non-blank line is a JSON object, are JSON Lines; anything else is plain text with one question a
-    line (MedicalGPT's demo/inference.py --data_file), read as ``{"question": line}`` rows with blank
-    lines skipped (counted on stderr)."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    first = next((x for x in lines if x.strip()), "")
-    if path.endswith((".jsonl", ".json")) or first.lstrip().startswith("{"):
-        return read_jsonl(path), False
-    questions = [x.strip() for x in lines if x.strip()]
+def read_prompt_file(path: str) -> tuple[list[dict[str, Any]], list[str], bool]:
+    """(rows, where each row comes from, plain) of a batch-inference file. ``.jsonl`` / ``.json``
+    files, and any file whose first non-blank line is a JSON object, are JSON Lines (a ``.json`` file
+    that opens with ``[`` is one JSON list of records); anything else is plain text with one question
+    a line (MedicalGPT's demo/inference.py --data_file), read as ``{"question": line}`` rows with blank
+    lines skipped (counted on stderr). ``where`` is "file:line" (or "file: record N" in a list), for
+    the errors of record_to_messages; invalid JSON or UTF-8 is a UserError naming the line."""
+    lines = list(_lines(path))
+    first = next((x for _, x in lines if x.strip()), "").lstrip()
+    if path.endswith(".json") and first.startswith("["):
+        try:
+            data = json.loads("".join(x for _, x in lines))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        return data, [f"{path}: record {i + 1}" for i in range(len(data))], False
+    if path.endswith((".jsonl", ".json")) or first.startswith("{"):
+        rows = _parse_json_lines(path, lines)
+        return [r for _, r in rows], [f"{path}:{n}" for n, _ in rows], False
+    questions = [(n, x.strip()) for n, x in lines if x.strip()]
     if len(questions) < len(lines):
         print(f"{path}: skipped {len(lines) - len(questions)} blank line(s)", file=sys.stderr)
-    return [{"question": q} for q in questions], True
+    return [{"question": q} for _, q in questions], [f"{path}:{n}" for n, _ in questions], True
 
 
 # ---------------------------------------------------------------- ranks

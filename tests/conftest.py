@@ -113,3 +113,16 @@ def adapter_dir(tmp_path_factory, model_dir):
         lora.lora_B["default"].weight[tok.convert_tokens_to_ids("B"), 0] = 8.0  # B beats A (4.0)
     peft_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def echo_model_dir(tmp_path_factory, tiny_tokenizer, tiny_llama):
+    """A merged HF model dir (ChatML tokenizer, context 4096) whose answer depends on the prompt:
+    "A <keyword>" for the keyword the conversation names most (tests/echo_model.py); " pain" loops."""
+    from tests.echo_model import echo_lm
+    from tests.helpers import save_chat_tokenizer
+
+    out = tmp_path_factory.mktemp("echo")
+    tok = save_chat_tokenizer(tiny_tokenizer, out)
+    echo_lm(tok, tiny_llama).save_pretrained(out)
+    return out

@@ -68,6 +68,24 @@ def test_generate_batch_greedy_exact_answers_and_usage(chat):
 
 
 @pytest.mark.unit
+def test_generate_batch_answers_each_row_its_own_prompt(echo_model_dir):
+    """The echo model (tests/echo_model.py) answers the keyword each conversation names most: rows of
+    different lengths in one left-padded batch each get their own answer (a row mix-up, a prompt cut
+    on the wrong side or an attended pad token, which votes " virus", would change them)."""
+    from medgpt_ds.inference import ChatModel, GenerationConfig
+    from tests.echo_model import expected_answer
+
+    echo = ChatModel.load(str(echo_model_dir), device="cpu")
+    texts = ["the fever", "a cough, a cough and the lung", "the kidney " * 12 + "and the blood",
+             "blood and the lung and the lung"]
+    chats = [user(t) for t in texts] + [[*user("my headache"), {"role": "assistant", "content": "A headache"},
+                                         *user("what else?")]]
+    out = echo.generate(chats, GenerationConfig(max_new_tokens=8))
+    assert [c.text for c in out] == [expected_answer(" " + t) for t in texts] + ["A headache"]
+    assert {c.finish_reason for c in out} == {"stop"}
+
+
+@pytest.mark.unit
 def test_max_new_tokens_and_stop_strings(chat):
     from medgpt_ds.inference import GenerationConfig
 
@@ -86,7 +104,7 @@ def test_stream_pieces_add_up_and_hold_back_stop_strings(chat):
 
     s = chat.stream(user("q"))
     pieces = list(s)
-    assert "".join(pieces) == ANSWER and len(pieces) == 2  # "A " (a word) then "B"
+    assert "".join(pieces) == ANSWER and len(pieces) > 1  # streamed in pieces (words), not at once
     assert (s.completion.finish_reason, s.completion.completion_tokens) == ("stop", 4)
     s = chat.stream(user("q"), GenerationConfig(stop=(" B",)))
     assert list(s) == ["A"] and s.completion.finish_reason == "stop"
@@ -95,8 +113,8 @@ def test_stream_pieces_add_up_and_hold_back_stop_strings(chat):
     s = chat.stream(user("q"))
     next(s)
     s.close()  # an abandoned stream stops generating and frees the model for the next call
-    assert chat.lock.acquire(timeout=10)
-    chat.lock.release()
+    assert s.wait(60) and not chat.health()["running"]
+    assert chat.generate([user("q")])[0].text == ANSWER
 
 
 @pytest.mark.unit
@@ -182,9 +200,6 @@ def test_chat_cli_batch_mode_and_one_prompt(tmp_path, model_dir, adapter_dir, ca
     # one question on the command line, as the README demo asks it
     cli.main(["--model_name_or_path", str(model_dir), "--prompt", "What are the symptoms of influenza?"])
     assert capsys.readouterr().out.splitlines() == ["User: What are the symptoms of influenza?", f"Assistant: {ANSWER}"]
-    with pytest.raises(ValueError, match="q.jsonl:2: invalid JSON"):
-        src.write_text('{"question": "ok"}\n{oops\n', encoding="utf-8")
-        cli.main(["--model_name_or_path", str(model_dir), "--input_file", str(src)])
 
 
 @pytest.mark.smoke

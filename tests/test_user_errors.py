@@ -184,6 +184,41 @@ def test_chat_on_a_missing_model_path(tmp_path, capsys):
         f"error: --model_name_or_path {missing}: no such directory (and not in the hub cache)")
 
 
+@pytest.mark.unit
+def test_chat_batch_input_mistakes_name_file_line_and_field(model_dir, tmp_path, capsys):
+    """tools/chat.py --input_file: every bad file or row is one line naming file:line and the field,
+    found before the model loads (and before an hour of generating)."""
+    chat = tool("chat").main
+    src = tmp_path / "q.jsonl"
+
+    def batch(content: str | bytes, *extra: str, name: str = "q.jsonl") -> str:
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return call(chat, ["--model_name_or_path", str(model_dir), "--input_file", str(path), *extra], capsys)
+
+    ok = '{"question": "What is a fever?"}\n'
+    assert batch(ok + "{oops\n") == f"error: {src}:2: invalid JSON: Expecting property name enclosed in double quotes (column 2)"
+    assert batch(ok + "\n" + '{"answer": "x", "id": 3}\n') == (
+        f"error: {src}:3: no prompt: expected a non-empty messages, conversations, prompt, question, instruction or "
+        "text field (keys: answer, id)")
+    assert batch(ok + '{"question": "  "}\n').startswith(f"error: {src}:2: no prompt")
+    assert batch('{"messages": "hi"}\n') == (
+        f"error: {src}:1: field 'messages': expected a list of {{role, content}} objects")
+    assert batch('{"messages": [{"role": "assistant", "content": "ref"}]}\n') == f"error: {src}:1: no user turn to answer"
+    assert batch(ok + '["a list"]\n') == f"error: {src}:2: expected a JSON object, got list"
+    assert batch(ok.encode() + b'{"question": "caf\xe9"}\n') == f"error: {src}:2: not valid UTF-8 (byte 18 of the line)"
+    assert batch("\n\n") == f"error: --input_file {src}: no records"
+    assert batch(ok, "--output_file", str(tmp_path / "nope" / "a.jsonl")) == (
+        f"error: --output_file {tmp_path / 'nope' / 'a.jsonl'}: no folder {tmp_path / 'nope'}")
+    js = tmp_path / "q.json"
+    assert batch('[\n  {"question": "a"},\n  {"question": }\n]\n', name="q.json") == (
+        f"error: {js}:3: invalid JSON: Expecting value (column 16)")
+    assert batch('[{"question": "a"}, {"id": 2}]', name="q.json").startswith(f"error: {js}: record 2: no prompt")
+    missing = tmp_path / "missing.jsonl"
+    assert call(chat, ["--model_name_or_path", str(model_dir), "--input_file", str(missing)], capsys) == (
+        f"error: {missing}: no such file")
+
+
 # --- cli.main in-process: refused while parsing / before any rank starts --------------------------
 
 @pytest.fixture

@@ -1,13 +1,17 @@
-"""The gradio web demo in headless Debian Chromium: type a question, see the answer, keep a screenshot
-(artifacts/web_demo.png, gitignored) as the test artifact.
+"""The gradio web demo in headless Debian Chromium: ask, see the answer to that question, stop a long
+answer with the Stop button, close pages mid-answer ten times and still get answers, keep a
+screenshot (artifacts/web_demo.png, gitignored) as the test artifact.
 
 Needs Debian's chromium + chromium-driver (.ci/serve_setup.sh installs them) and selenium; skips
-with the reason otherwise. The model is the hand-built bigram of test_inference.py ("A B").
+with the reason otherwise. The model is the echo model of tests/echo_model.py: "A <keyword>" for
+the keyword the question names most; " pain" never ends (the answers that are stopped or left).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ANSWER
+from tests.echo_model import KEYWORDS, LOOP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +29,8 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1200,800"]
+LONG = 4000  # --max_new_tokens: a LOOP answer this long takes seconds, long enough to stop or walk away from
+CANCELLED = re.compile(r"generation cancelled after (\d+) tokens")
 
 
 def _free_port() -> int:
@@ -34,7 +40,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.smoke
-def test_web_demo_answers_in_headless_chromium(model_dir, tmp_path):
+def test_web_demo_in_headless_chromium(echo_model_dir, tmp_path):
     for path, pkg in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not os.path.exists(path):
             pytest.skip(f"{path} absent: apt-get install {pkg} (bash .ci/serve_setup.sh)")
@@ -49,16 +55,43 @@ def test_web_demo_answers_in_headless_chromium(model_dir, tmp_path):
 
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    cmd = [sys.executable, str(ROOT / "tools/web_demo.py"), "--model_name_or_path", str(model_dir),
-           "--port", str(port), "--max_new_tokens", "16"]
-    server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "tools/web_demo.py"), "--model_name_or_path", str(echo_model_dir),
+           "--port", str(port), "--max_new_tokens", str(LONG)]
+    log = tmp_path / "web_demo.log"
+    with open(log, "w") as out:  # a file: a pipe nobody reads would fill up and stall the server
+        server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     driver = None
+
+    def cancelled() -> list[int]:
+        return [int(n) for n in CANCELLED.findall(log.read_text())]
+
+    def wait(cond, what: str, timeout: float = 120):
+        try:
+            return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: cond())
+        except Exception as e:  # noqa: BLE001 - the page and the server's log say what went wrong
+            pytest.fail(f"waiting for {what}: {type(e).__name__} {e}; answers on the page: {bot_texts()}\n"
+                        f"server log:\n{log.read_text()[-3000:]}")
+
+    def bot_texts() -> list[str]:  # read in one go: the elements are replaced while an answer streams in
+        return driver.execute_script(
+            "return Array.from(document.querySelectorAll('.message.bot'), e => e.innerText.trim())")
+
+    def ask(text: str) -> None:
+        box = wait(lambda: driver.find_element(By.CSS_SELECTOR, "#question textarea"), "the question box")
+        box.send_keys(text)
+
+    def answered(expected: str) -> None:
+        wait(lambda: bot_texts() and bot_texts()[-1] == expected, f"the answer {expected!r}")
+
+    def looping():  # a LOOP answer is streaming in
+        return bot_texts() and bot_texts()[-1].startswith(f"A {LOOP} {LOOP}")
+
     try:
         for _ in range(600):
             if server.poll() is not None:
-                pytest.fail(f"web demo exited with {server.returncode}:\n{server.stdout.read()}")
+                pytest.fail(f"web demo exited with {server.returncode}:\n{log.read_text()}")
             try:
                 if httpx.get(url, timeout=1).status_code == 200:
                     break
@@ -67,6 +100,9 @@ def test_web_demo_answers_in_headless_chromium(model_dir, tmp_path):
         else:
             pytest.fail("web demo did not come up")
 
+        h = httpx.get(f"{url}health", timeout=10)
+        assert h.status_code == 200 and h.json()["status"] == "ok" and not h.json()["running"]
+
         opts = webdriver.ChromeOptions()
         opts.binary_location = CHROMIUM
         for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
@@ -74,29 +110,58 @@ def test_web_demo_answers_in_headless_chromium(model_dir, tmp_path):
         # an explicit driver path: selenium never tries to download one
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
         driver.get(url)
-        box = WebDriverWait(driver, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "#question textarea"))
-        box.send_keys("What causes a fever?")
-        box.send_keys(Keys.ENTER)
+        main = driver.current_window_handle
 
-        def bot_texts(d):
-            texts = [e.text for e in d.find_elements(By.CSS_SELECTOR, ".message.bot")]
-            return texts if ANSWER in texts else False
-
-        WebDriverWait(driver, 60).until(bot_texts)
+        # Enter sends; the answer is the one to this question
+        ask("What causes a fever?")
+        driver.find_element(By.CSS_SELECTOR, "#question textarea").send_keys(Keys.ENTER)
+        answered("A fever")
         page = driver.find_element(By.TAG_NAME, "body").text
         assert "What causes a fever?" in page and "medgpt-ds" in page
+
+        # the Send button (a new conversation: the echo model answers the keyword of the whole chat);
+        # then Stop ends a long answer, and the next question is answered
+        driver.get(url)
+        ask(f"the {LOOP}")
+        driver.find_element(By.XPATH, "//button[normalize-space()='Send']").click()
+        wait(looping, "a long answer streaming in")
+        driver.find_element(By.XPATH, "//button[normalize-space()='Stop']").click()
+        wait(lambda: len(cancelled()) == 1, "the Stop to cancel the generation")
+        stopped = bot_texts()[-1]
+        driver.get(url)  # a new conversation: the echo model would echo the stopped answer's keyword
+        ask("a cough and a cough\n")
+        answered("A cough")
+        assert stopped.startswith(f"A {LOOP}") and cancelled()[0] < LONG
         shot = ROOT / "artifacts" / "web_demo.png"
         shot.parent.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(shot))
         print(f"web demo screenshot: {shot}")
         assert shot.stat().st_size > 1000
+
+        # ten pages closed mid-answer, each followed by a question that must be answered
+        words = [k for k in KEYWORDS if k != LOOP]
+        for i in range(10):
+            driver.switch_to.new_window("tab")
+            driver.get(url)
+            ask(f"the {LOOP}\n")
+            wait(looping, f"long answer {i} streaming in")
+            driver.close()
+            driver.switch_to.window(main)
+            driver.get(url)
+            ask(f"the {words[i % len(words)]}\n")
+            answered(f"A {words[i % len(words)]}")
+        wait(lambda: len(cancelled()) == 11, "every closed page to cancel its generation")
+        assert all(n < LONG for n in cancelled())
+        h = httpx.get(f"{url}health", timeout=10).json()
+        assert (h["status"], h["running"], h["cancelled"], h["completed"], h["failed"]) == ("ok", False, 11, 12, 0)
     finally:
         if driver is not None:
             driver.quit()
-        server.terminate()
+        server.send_signal(signal.SIGTERM)
         try:
-            server.wait(timeout=20)
+            server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+            pytest.fail(f"SIGTERM did not stop the web demo:\n{log.read_text()[-3000:]}")
     shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)

@@ -75,11 +75,13 @@ def answer(chat, cfg, history: list[dict[str, str]]) -> str:
     """Stream one answer to stdout after "Assistant: "; Ctrl-C stops it and keeps what was said."""
     print("Assistant: ", end="", flush=True)
     text = ""
+    pieces = chat.stream(history, cfg)
     try:
-        for piece in chat.stream(history, cfg):
+        for piece in pieces:
             text += piece
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
+        pieces.close()  # stops generating at the next token
         print(" [interrupted]", end="")
     print(flush=True)
     return text
@@ -108,9 +110,23 @@ def interactive(chat, cfg, system_prompt: str | None, single_turn: bool = False)
         history.append({"role": "assistant", "content": answer(chat, cfg, history)})
 
 
-def batch(chat, cfg, args) -> None:
-    rows, plain = read_prompt_file(args.input_file)
-    chats = [record_to_messages(r, args.system_prompt) for r in rows]  # errors surface before generating
+def read_batch(args) -> tuple[list[dict], list[list[dict[str, str]]], bool]:
+    """The rows of --input_file, their chats and whether the file is plain text, checked before the
+    model loads: a bad row, an empty file or an --output_file that cannot be written is an error now,
+    not after an hour of generating."""
+    rows, where, plain = read_prompt_file(args.input_file)
+    if not rows:
+        raise UserError(f"--input_file {args.input_file}: no records")
+    chats = [record_to_messages(r, args.system_prompt, w) for r, w in zip(rows, where)]
+    if args.output_file:
+        folder = os.path.dirname(os.path.abspath(args.output_file))
+        if os.path.isdir(args.output_file) or not os.path.isdir(folder):
+            raise UserError(f"--output_file {args.output_file}: " +
+                            ("is a folder; name a file" if os.path.isdir(args.output_file) else f"no folder {folder}"))
+    return rows, chats, plain
+
+
+def batch(chat, cfg, args, rows: list[dict], chats: list[list[dict[str, str]]], plain: bool) -> None:
     done = shard_map(lambda part: chat.generate(part, cfg), chats, args.batch_size)
     if done is None:  # not rank 0
         return
@@ -130,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     _, world = init_ranks()
     if args.input_file is None and world > 1:
         raise UserError("interactive chat and --prompt run on one rank; launch several ranks only with --input_file")
+    work = read_batch(args) if args.input_file else None
     chat = load_from_args(args)
     cfg = generation_config(args)
-    if args.input_file:
-        batch(chat, cfg, args)
+    if work is not None:
+        batch(chat, cfg, args, *work)
     elif args.prompt is not None:
         history = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         print(f"User: {args.prompt}", flush=True)

@@ -5,6 +5,12 @@
 
     python tools/web_demo.py --base_model base --lora_model outputs/sft_lora --only_cpu   # MedicalGPT's flags
 
+Type a question and press Enter or Send; Stop ends an answer early. Stop, closing the page or losing
+the connection cancels the generation at its next token, so the next question never waits for an
+answer nobody reads (each cancellation is logged). One answer is generated at a time; at most
+--max_queue questions wait, more are refused with "queue is full". GET /health (no login) answers 503
+"unhealthy" once the running generation has made no token for --stall_timeout seconds.
+
 Binds 127.0.0.1 unless --host says otherwise. Before exposing it beyond this machine require a login:
 MEDGPT_WEB_AUTH=user:password, or --auth_file FILE holding user:password (never on the command line,
 where every user of the machine sees it in `ps`). --share (a public gradio.live link) is refused
@@ -36,25 +42,43 @@ def _text(content) -> str:
 
 
 def build_demo(chat: ChatModel, cfg: GenerationConfig, system_prompt: str | None = None, title: str | None = None):
-    """The gradio app: a chat box plus system prompt, max new tokens and temperature controls."""
+    """The gradio app: a chat box with Send and Stop buttons, plus system prompt, max new tokens and
+    temperature controls. Stop, a closed page or a lost connection cancel the generation at its
+    next token (gradio cancels or closes the answer generator), so the model is free for the next
+    question; each cancellation is logged with how far it got."""
     import gradio as gr
 
-    def respond(message, history, system, max_new_tokens, temperature):
+    def log_cancelled(c) -> None:  # in the generation thread, once it has ended
+        if c is not None and c.finish_reason == "cancelled":
+            print(f"generation cancelled after {c.completion_tokens} tokens (Stop, or the page went away)", flush=True)
+
+    async def respond(message, history, system, max_new_tokens, temperature):
         msgs = [{"role": "system", "content": system}] if system and system.strip() else []
         msgs += [{"role": m["role"], "content": _text(m["content"])} for m in history if m.get("role") in ("user", "assistant")]
         msgs.append({"role": "user", "content": _text(message)})
         step = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=cfg.top_p,
                                 top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, stop=cfg.stop, seed=cfg.seed)
+        try:
+            pieces = chat.stream(msgs, step)
+        except UserError as e:  # the conversation no longer fits the context: say so in the page
+            raise gr.Error(str(e)) from None
+        pieces.add_done_callback(log_cancelled)
         answer = ""
-        for piece in chat.stream(msgs, step):
-            answer += piece
-            yield answer
+        try:
+            # async: waiting for a token holds no worker thread, and gradio's Stop (a task
+            # cancellation) lands here at once instead of after the next token
+            async for piece in pieces:
+                answer += piece
+                yield answer
+        finally:
+            pieces.close()  # no-op once finished
 
     return gr.ChatInterface(
         respond,
         title=title or f"medgpt-ds: {chat.name}",
         description="Answers come from a research model and are not medical advice.",
-        textbox=gr.Textbox(placeholder="Ask a medical question...", elem_id="question", scale=7),
+        textbox=gr.Textbox(placeholder="Ask a medical question...", elem_id="question", scale=7, submit_btn="Send",
+                           stop_btn="Stop"),
         additional_inputs=[
             gr.Textbox(value=system_prompt or "", label="System prompt"),
             gr.Slider(1, max(1, chat.max_length - 1), value=min(cfg.max_new_tokens, chat.max_length - 1), step=1,
@@ -77,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"file holding user:password, required to open the page (or set ${AUTH_ENV})")
     g.add_argument("--auth", default=None, help=argparse.SUPPRESS)  # refused: argv is visible in ps
     g.add_argument("--title", default=None)
+    g.add_argument("--max_queue", type=int, default=16,
+                   help="questions that may wait while one is answered; more are refused with 'queue is full'")
+    g.add_argument("--stall_timeout", type=float, default=120.0,
+                   help="/health answers 503 once the running generation has made no token for this many seconds")
     g.add_argument("--share", action="store_true",
                    help="also publish a public gradio.live link (needs a login: --auth_file or $" + AUTH_ENV + ")")
     g.add_argument("--context_len", type=int, default=None,
@@ -133,10 +161,24 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo(chat, generation_config(args), args.system_prompt, args.title)
     # system fonts: the default theme links web fonts, which a closed network cannot fetch
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    demo.queue(default_concurrency_limit=1).launch(
+    app, _, _ = demo.queue(default_concurrency_limit=1, max_size=args.max_queue).launch(
         server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, theme=theme,
-        auth=auth, footer_links=[])
+        auth=auth, footer_links=[], prevent_thread_lock=True)
+    add_health_route(app, chat, args.stall_timeout)
+    demo.block_thread()  # until Ctrl-C; SIGTERM ends the process at once (gradio sets no handler for it)
     return 0
+
+
+def add_health_route(app, chat: ChatModel, stall_timeout: float) -> None:
+    """GET /health on the demo's server (no login): 200 {"status": "ok", ...}, or 503 "unhealthy"
+    with the reason once the running generation has made no token for ``stall_timeout`` seconds."""
+    from fastapi.responses import JSONResponse
+
+    async def health() -> JSONResponse:
+        state = chat.health(stall_timeout)
+        return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
+
+    app.add_api_route("/health", health, methods=["GET"])
 
 
 if __name__ == "__main__":
