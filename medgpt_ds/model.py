@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, modeling_utils
 
 from medgpt_ds import dist
 from medgpt_ds.errors import PathNotFound, UserError
@@ -590,3 +591,32 @@ def add_neftune(model, alpha: float) -> None:
 
 def count_parameters(model) -> int:
     return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+
+
+@contextmanager
+def weights_report():
+    """Collect what ``from_pretrained`` found about the checkpoint's weights, instead of transformers'
+    own load report (a table with terminal colour codes, logged as a warning even when the missing
+    weights are expected, e.g. the new score head of a reward model). Yields a dict that is filled
+    with ``missing`` / ``unexpected`` / ``mismatched`` key sets when the block loads a checkpoint
+    (empty when it builds from a config). Errors transformers raises after its report still raise.
+    """
+    found: dict = {}
+    original = getattr(modeling_utils, "log_state_dict_report", None)
+    if original is None:  # another transformers layout: its own report stays
+        yield found
+        return
+    silent = logging.getLogger("medgpt_ds.weights_report")
+    silent.disabled = True
+
+    def report(model, pretrained_model_name_or_path, ignore_mismatched_sizes, loading_info, logger=None):
+        found.update(missing=set(loading_info.missing_keys), unexpected=set(loading_info.unexpected_keys),
+                     mismatched={k[0] for k in loading_info.mismatched_keys})
+        return original(model=model, pretrained_model_name_or_path=pretrained_model_name_or_path,
+                        ignore_mismatched_sizes=ignore_mismatched_sizes, loading_info=loading_info, logger=silent)
+
+    modeling_utils.log_state_dict_report = report
+    try:
+        yield found
+    finally:
+        modeling_utils.log_state_dict_report = original
