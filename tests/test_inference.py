@@ -86,10 +86,12 @@ def test_stream_pieces_add_up_and_hold_back_stop_strings(chat):
 
     s = chat.stream(user("q"))
     pieces = list(s)
-    assert "".join(pieces) == ANSWER and len(pieces) == 2  # "A " (a word) then "B"
+    # how the text is cut into pieces is transformers' streamer's business (it changed in 5.24): the
+    # pieces add up to the answer, and there is more than one (streamed, not sent at the end)
+    assert "".join(pieces) == ANSWER and len(pieces) > 1
     assert (s.completion.finish_reason, s.completion.completion_tokens) == ("stop", 4)
     s = chat.stream(user("q"), GenerationConfig(stop=(" B",)))
-    assert list(s) == ["A"] and s.completion.finish_reason == "stop"
+    assert "".join(s) == "A" and s.completion.finish_reason == "stop"
     s = chat.stream(user("q"), GenerationConfig(max_new_tokens=1))
     assert "".join(s) == "A" and s.completion.finish_reason == "length"
     s = chat.stream(user("q"))

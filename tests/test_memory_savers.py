@@ -183,6 +183,7 @@ def test_qlora_zero2_and_zero3_train_the_same_adapter_from_the_quantized_base(la
     # checkpointing changes nothing under QLoRA either (ZeRO-2 goes through peft's kbit preparation)
     for run, plain in (("qlora/sft_z2_gc", z2), ("qlora/sft_z3_gc", z3)):
         gc = _curve(launched, run)
+        assert [r["checkpointed_layers"] for r in _report(launched, run)] == [2, 2], run
         assert all(gc[step] == pytest.approx(plain[step], rel=1e-6) for step in (1, 2)), (run, gc, plain)
 
 

@@ -18,10 +18,13 @@ from tests.helpers import ANSWER
 
 ROOT = Path(__file__).resolve().parents[1]
 
-openai = pytest.importorskip("openai", reason="openai not installed (pip install openai)")
-httpx = pytest.importorskip("httpx", reason="httpx not installed")
-pytest.importorskip("fastapi", reason="fastapi not installed (pip install fastapi uvicorn)")
-pytest.importorskip("uvicorn", reason="uvicorn not installed (pip install uvicorn)")
+# only the live-server tests need these (they all go through the `server` fixture, which skips without
+# them); the unit tests below run without any
+try:
+    import httpx
+    import openai
+except ImportError:
+    httpx = openai = None
 
 KEY = "test-key-123"
 CAP = 64
@@ -35,6 +38,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
+    pytest.importorskip("openai", reason="openai not installed (pip install openai)")
+    pytest.importorskip("httpx", reason="httpx not installed")
+    pytest.importorskip("fastapi", reason="fastapi not installed (pip install fastapi uvicorn)")
+    pytest.importorskip("uvicorn", reason="uvicorn not installed (pip install uvicorn)")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MEDGPT_API_KEY": KEY, "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(ROOT / "tools/serve.py"), "--model_name_or_path", str(model_dir), "--port", str(port),
@@ -105,7 +112,7 @@ def test_chat_completion_streaming(client):
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert deltas[0].role == "assistant"
     texts = [d.content for d in deltas if d.content]
-    assert "".join(texts) == ANSWER and len(texts) == 2  # streamed in pieces, not at once
+    assert "".join(texts) == ANSWER and len(texts) > 1  # streamed in pieces (cut where the streamer cuts), not at once
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
     assert chunks[-1].usage.completion_tokens == 4
