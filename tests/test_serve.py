@@ -1,7 +1,9 @@
 """The OpenAI-compatible server, live on loopback: tools/serve.py started as users start it, driven
 with the official `openai` client (streaming and not) and with raw HTTP for bad requests.
 
-The model is the hand-built bigram of test_inference.py: every answer is exactly "A B".
+The model is the hand-built echo model of tests/helpers.py: "A B" to every chat without the digits
+7, 8 or 9 (all but the concurrency test), "<digit> B" to a chat holding one, so concurrent clients
+show whether each got the answer to its own question.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ANSWER
+from tests.helpers import ANSWER, echo_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,14 +39,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def server(echo_model_dir):
     pytest.importorskip("openai", reason="openai not installed (pip install openai)")
     pytest.importorskip("httpx", reason="httpx not installed")
     pytest.importorskip("fastapi", reason="fastapi not installed (pip install fastapi uvicorn)")
     pytest.importorskip("uvicorn", reason="uvicorn not installed (pip install uvicorn)")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MEDGPT_API_KEY": KEY, "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(ROOT / "tools/serve.py"), "--model_name_or_path", str(model_dir), "--port", str(port),
+    cmd = [sys.executable, str(ROOT / "tools/serve.py"), "--model_name_or_path", str(echo_model_dir), "--port", str(port),
            "--served_model_name", "tiny", "--max_tokens_cap", str(CAP), "--max_body_bytes", "4096",
            "--log_level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -214,14 +216,18 @@ def test_vllm_script_dry_run(model_dir, tmp_path):
 
 @pytest.mark.smoke
 def test_concurrent_requests_are_all_answered(client):
-    """Generation is serialised inside the server; simultaneous clients all get whole answers."""
+    """Generation is serialised inside the server; simultaneous clients (streaming and not) all get
+    whole answers, each the answer to its own question."""
     from concurrent.futures import ThreadPoolExecutor
+
+    questions = [f"Is bed {n} free?" if n else "Is the bed free?" for n in (7, 8, 0, 9, 7, 0, 8, 9)]
 
     def ask(i: int) -> str:
         if i % 2:
-            return "".join(c.choices[0].delta.content or "" for c in
-                           client.chat.completions.create(model="tiny", messages=q(f"q{i}"), stream=True) if c.choices)
-        return client.chat.completions.create(model="tiny", messages=q(f"q{i}")).choices[0].message.content
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="tiny", messages=q(questions[i]), stream=True) if c.choices)
+        return client.chat.completions.create(model="tiny", messages=q(questions[i])).choices[0].message.content
 
     with ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(ask, range(6))) == [ANSWER] * 6
+        got = list(pool.map(ask, range(len(questions))))
+    assert got == [echo_answer(t) for t in questions] and len(set(got)) == 4
