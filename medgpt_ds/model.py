@@ -248,8 +248,10 @@ def quantization_config(model_args, dtype: torch.dtype, ds_config: dict):
     them like any other weight, and its mixed-precision cast (every floating parameter of another
     dtype is converted by value) leaves the packed bytes alone. Each rank holds the whole 4-bit model
     while loading (transformers skips zero.Init for quantized models); deepspeed.initialize then
-    partitions it. 8-bit is refused there: LLM.int8 keeps int8 weights plus per-row scales (``SCB``)
-    beside the parameter, which ZeRO-3's partitioning does not gather.
+    partitions it. 8-bit is refused there: bitsandbytes' LLM.int8 layer keeps its own reference to the
+    whole int8 weight (``state.CB``, taken at its first forward and put back into the parameter after
+    each), so ZeRO-3 partitions nothing of it: it trains (measured here: the same losses as ZeRO-2) but
+    every rank keeps the whole 8-bit model, which a user picking ZeRO-3 to spread it does not expect.
     """
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
         return None
@@ -258,9 +260,10 @@ def quantization_config(model_args, dtype: torch.dtype, ds_config: dict):
                         "--model_name_or_path (a model built from --model_config starts random, nothing to quantize)")
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     if zero3 and model_args.load_in_8bit:
-        raise UserError("--load_in_8bit is not supported with ZeRO-3: LLM.int8 weights are int8 with per-row scales "
-                        "kept outside the parameter, which ZeRO-3 cannot partition and gather; use --load_in_4bit "
-                        "(QLoRA, partitioned by ZeRO-3) or a ZeRO-2 config (ds_configs/zero2.json)")
+        raise UserError("--load_in_8bit is not supported with ZeRO-3: bitsandbytes' LLM.int8 layers keep their own "
+                        "copy of the whole int8 weight, so ZeRO-3 would not spread it and every rank would hold the "
+                        "whole 8-bit model; use --load_in_4bit (QLoRA, partitioned by ZeRO-3) or a ZeRO-2 config "
+                        "(ds_configs/zero2.json)")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -283,9 +286,10 @@ def keep_4bit_layout(model) -> int:
 
     On a CPU with AVX512-BF16, a Linear4bit in eval mode called without gradients (DPO's reference
     pass, evaluation, rollouts) rewrites its weight in place into another packing and marks its quant
-    state so. Between training steps that corrupts the weight ZeRO-3 partitioned (its shards keep the
-    old packing, the quant state says the new one) and fails outright for layers narrower than one
-    64-value block. Training keeps the layout it was loaded in; GPUs never repack.
+    state so. Between training steps that fails outright for layers narrower than one 64-value block
+    (measured: DPO's reference pass), and under ZeRO-3 it would leave the partitioned shards in the old
+    packing while the quant state says the new one. Training keeps the layout it was loaded in; GPUs
+    never repack.
     """
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     for m in layers:
