@@ -146,8 +146,13 @@ def load(engine, ckpt_dir: str, *, load_universal: bool = False, extra_engines: 
         check_fits(ckpt_dir, engine.module, flag="--resume_from_checkpoint", trust=True)
     # a universal checkpoint re-partitions the optimizer, whose param groups the saved LR-scheduler
     # state no longer matches: rebuild the schedule and fast-forward it to the saved step instead
+    # a 4-bit / 8-bit base saves its quantization state (absmax, quant_map, SCB, ...) beside each weight,
+    # which bitsandbytes' layers do not read back through load_state_dict; every parameter of the model
+    # was checked to be in the checkpoint above (or is re-partitioned by the universal loader)
+    quantized = any(type(p).__name__ in ("Params4bit", "Int8Params") for p in engine.module.parameters())
     path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=not load_universal)
+                                          load_lr_scheduler_states=not load_universal,
+                                          load_module_strict=not quantized)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {ckpt_dir}")
     for name, other in (extra_engines or {}).items():

@@ -6,6 +6,7 @@ import os
 
 from medgpt_ds.config import STAGES, _split_stage, parse_args
 from medgpt_ds.errors import UserError, main_boundary
+from medgpt_ds.metrics import quiet_progress_bars_in_files, show_each_warning_once
 from medgpt_ds.model import check_model_files
 
 # stage -> module; each module has run(cfg) and may define `Arguments` (its own flags)
@@ -17,6 +18,8 @@ def main(argv: list[str]) -> int:
     """Run one stage. A user mistake (UserError) ends as one line ``error: ...`` and exit status 2,
     before any rank loads a model when the inputs allow it (see errors.main_boundary)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    show_each_warning_once()
+    quiet_progress_bars_in_files()
     stage = _split_stage(argv)
     if stage not in STAGE_MODULES:
         raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")

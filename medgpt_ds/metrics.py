@@ -10,12 +10,15 @@ counted: that is hardware FLOPs, not model FLOPs.
 """
 from __future__ import annotations
 
+import collections
+import datetime
 import json
 import math
 import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -227,8 +230,140 @@ def fmt(v) -> str:
     return str(v)
 
 
+# --- console: progress lines, tqdm-safe writes, each warning once ---------------------------------
+
+_bar = None  # the open progress bar (rank 0, a terminal): every console line goes above it
+_seen_warnings: set = set()
+_LABELS = {"tokens_per_s": "tok/s"}
+_FIRST = ("loss", "lr", "tokens_per_s")  # the fields a reader looks for first, in this order
+
+
+def write_line(text: str, file=None) -> None:
+    """Console text (one line or several) above the progress bar when one is shown: the bar is
+    cleared, the text written and the bar redrawn (what tqdm.write does), so messages never break
+    it; a plain print otherwise."""
+    file = file or sys.stdout
+    file = file.stream if isinstance(file, _AboveBar) else file
+    bar = _bar
+    if bar is None:
+        print(text, file=file, flush=True)
+        return
+    with bar.get_lock():
+        bar.clear()
+        file.write(text + "\n")
+        file.flush()
+        bar.refresh()
+
+
+class _AboveBar:
+    """sys.stdout while the progress bar is shown on the same terminal: complete lines printed from
+    anywhere (checkpoint rotation, resume, evaluation) go through ``write_line``, above the bar."""
+
+    def __init__(self, stream):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            write_line(line, self.stream)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... of the real stream
+        return getattr(self.stream, name)
+
+
+def show_each_warning_once() -> None:
+    """Show each warning (category + text) once per process, above the progress bar.
+
+    Python shows a warning once per code location, but forgets that whenever a library touches the
+    warning filters (``catch_warnings`` / ``simplefilter`` reset the registry) and repeats it always
+    under ``-W always`` / PYTHONWARNINGS: a ZeRO-3 log had DeepSpeed's ``reduce_scatter_tensor is
+    deprecated`` once per step. Installed at start for every stage. The filters still decide what is
+    shown at all (ignored stays ignored, ``-W error`` still raises); only repeats are dropped."""
+    if getattr(warnings.showwarning, "_medgpt_once", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        key = (category, str(message))
+        if key in _seen_warnings:
+            return
+        _seen_warnings.add(key)
+        write_line(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), file or sys.stderr)
+
+    show._medgpt_once = True
+    warnings.showwarning = show
+
+
+def quiet_progress_bars_in_files() -> None:
+    """When stderr is not a terminal (SLURM, nohup, a pipe), turn off the libraries' own progress
+    bars ("Loading weights", "Writing model shards", datasets' map): in a file each is a run of
+    carriage returns; the trainer's progress lines say how far the run is."""
+    if sys.stderr.isatty():
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def duration(seconds: float) -> str:
+    """H:MM:SS (``1 day, 2:05:00`` past a day)."""
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class Progress:
+    """How far a run is, for log lines: ``step 10/400 (2.5%) | elapsed 0:03:12 | eta 2:05:00``.
+
+    Elapsed is this process's training time (from the start of its loop, so a resumed run counts
+    its own time); the ETA is the steps left times the mean step time over the last ``window``
+    steps, so a slow first step (compilation, cache warm-up) or a change of speed fades out of it,
+    and after a resume it is the remaining steps at the current speed."""
+
+    def __init__(self, total_steps: int, initial_step: int = 0, window: int = 20, clock=time.monotonic):
+        self.total, self.clock = total_steps, clock
+        self.start = clock()
+        self.marks: collections.deque = collections.deque([(initial_step, self.start)], maxlen=window + 1)
+
+    def advance(self, step: int) -> None:
+        """Optimizer step ``step`` has finished."""
+        self.marks.append((step, self.clock()))
+
+    def eta(self, step: int) -> Optional[float]:
+        """Seconds until the last step (None before the first step of this process finished)."""
+        (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
+        if s1 <= s0:
+            return None
+        return (t1 - t0) / (s1 - s0) * max(self.total - step, 0)
+
+    def line(self, step: int) -> str:
+        pct = 100.0 * step / max(self.total, 1)
+        eta = self.eta(step)
+        return (f"step {step}/{self.total} ({pct:.1f}%) | elapsed {duration(self.clock() - self.start)} | "
+                f"eta {'?' if eta is None else duration(eta)}")
+
+
+def metrics_line(metrics: dict) -> str:
+    """``loss 2.31 | lr 1e-05 | tok/s 812 | ...``: the usual fields first, short labels."""
+    keys = [k for k in _FIRST if k in metrics] + [k for k in metrics if k not in _FIRST]
+    return " | ".join(f"{_LABELS.get(k, k)} {fmt(metrics[k])}" for k in keys)
+
+
 class MetricsLogger:
-    """log(step, metrics) -> stdout line, logs/metrics.jsonl and TensorBoard (rank 0 only)."""
+    """log(step, metrics) -> a console line with progress (step/total, elapsed, ETA), logs/metrics.jsonl
+    and the --report_to trackers (rank 0 only). On a terminal a tqdm bar stays at the bottom and every console
+    line goes above it."""
 
     def __init__(self, output_dir: str, report_to: str = "tensorboard", logging_dir: Optional[str] = None,
                  total_steps: int = 0, initial_step: int = 0, config: Optional[dict] = None):
@@ -236,6 +371,9 @@ class MetricsLogger:
         self.backends: list = []  # --report_to trackers (medgpt_ds/report/)
         self.jsonl = None
         self.bar = None
+        self.total_steps = total_steps
+        self.progress = Progress(total_steps, initial_step)
+        self._stdout = None
         if not self.enabled:
             return
         log_dir = logging_dir or os.path.join(output_dir, "logs")
@@ -243,11 +381,17 @@ class MetricsLogger:
         self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a")
         self.backends = open_backends(resolve_report_to(report_to), log_dir,
                                       os.path.basename(os.path.normpath(output_dir)), config)
-        if total_steps:
-            from tqdm import tqdm
+        if total_steps and sys.stderr.isatty() and os.environ.get("MEDGPT_NO_PROGRESS") != "1":
+            self._open_bar(total_steps, initial_step)
 
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
-                            mininterval=2.0, disable=os.environ.get("MEDGPT_NO_PROGRESS") == "1" or not sys.stderr.isatty())
+    def _open_bar(self, total_steps: int, initial_step: int) -> None:
+        global _bar
+        from tqdm import tqdm
+
+        self.bar = _bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
+                               mininterval=2.0, file=sys.stderr)
+        if sys.stdout.isatty():  # prints from anywhere (checkpoint rotation, resume) go above the bar
+            self._stdout, sys.stdout = sys.stdout, _AboveBar(sys.stdout)
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
@@ -261,26 +405,29 @@ class MetricsLogger:
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
             for backend in self.backends:
                 backend.log(scalars, step)
-        line = f"{prefix} step {step} | " + " | ".join(f"{k} {fmt(v)}" for k, v in clean.items())
-        if self.bar is not None:
-            self.bar.write(line)
+        if prefix == "train" and self.total_steps:
+            head = self.progress.line(step)
         else:
-            print(line, flush=True)
+            head = f"{prefix} step {step}" + (f"/{self.total_steps}" if self.total_steps else "")
+        write_line(f"{head} | {metrics_line(clean)}")
 
     def advance(self, n: int = 1) -> None:
+        """``n`` more optimizer steps are done (every rank calls it; the bar and ETA are rank 0's)."""
+        self.progress.advance(self.progress.marks[-1][0] + n)
         if self.bar is not None:
             self.bar.update(n)
 
     def info(self, msg: str) -> None:
         if self.enabled:
-            if self.bar is not None:
-                self.bar.write(msg)
-            else:
-                print(msg, flush=True)
+            write_line(msg)
 
     def close(self) -> None:
+        global _bar
         if self.bar is not None:
             self.bar.close()
+            self.bar = _bar = None
+            if self._stdout is not None:
+                sys.stdout, self._stdout = self._stdout, None
         for backend in self.backends:
             backend.close()
         self.backends = []

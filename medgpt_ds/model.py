@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, modeling_utils
 
 from medgpt_ds import dist
 from medgpt_ds.errors import PathNotFound, UserError
@@ -253,6 +254,75 @@ def zero3_init(ds_config: dict):
         del hf_ds_config
 
 
+def quantization_config(model_args, dtype: torch.dtype, ds_config: dict):
+    """The bitsandbytes config of --load_in_4bit / --qlora (nf4, double quantization) or --load_in_8bit
+    (LLM.int8), None without them; matmuls run in ``dtype``.
+
+    Under ZeRO-3 (QLoRA of a model too big for one device: a 70B over nodes), 4-bit only, with the
+    packed 4-bit weights stored in tensors of the dtype DeepSpeed trains in (``bnb_4bit_quant_storage``,
+    as transformers documents for DeepSpeed ZeRO-3 and FSDP): DeepSpeed then partitions and gathers
+    them like any other weight, and its mixed-precision cast (every floating parameter of another
+    dtype is converted by value) leaves the packed bytes alone. Each rank holds the whole 4-bit model
+    while loading (transformers skips zero.Init for quantized models); deepspeed.initialize then
+    partitions it. 8-bit is refused there: bitsandbytes' LLM.int8 layer keeps its own reference to the
+    whole int8 weight (``state.CB``, taken at its first forward and put back into the parameter after
+    each), so ZeRO-3 partitions nothing of it: it trains (measured here: the same losses as ZeRO-2) but
+    every rank keeps the whole 8-bit model, which a user picking ZeRO-3 to spread it does not expect.
+    """
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    if model_args.model_config:
+        raise UserError("--load_in_4bit / --load_in_8bit / --qlora quantize a pretrained checkpoint: pass "
+                        "--model_name_or_path (a model built from --model_config starts random, nothing to quantize)")
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3 and model_args.load_in_8bit:
+        raise UserError("--load_in_8bit is not supported with ZeRO-3: bitsandbytes' LLM.int8 layers keep their own "
+                        "copy of the whole int8 weight, so ZeRO-3 would not spread it and every rank would hold the "
+                        "whole 8-bit model; use --load_in_4bit (QLoRA, partitioned by ZeRO-3) or a ZeRO-2 config "
+                        "(ds_configs/zero2.json)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit,
+        bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=engine_param_dtype(ds_config) if zero3 else torch.uint8)
+
+
+def engine_param_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed casts the module's floating-point parameters to (a resolved config)."""
+    if ds_config.get("bf16", {}).get("enabled") is True:
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    return torch.float32
+
+
+def keep_4bit_layout(model) -> int:
+    """Turn off bitsandbytes' CPU inference repacking on every 4-bit linear of ``model``; returns how many.
+
+    On a CPU with AVX512-BF16, a Linear4bit in eval mode called without gradients (DPO's reference
+    pass, evaluation, rollouts) rewrites its weight in place into another packing and marks its quant
+    state so. Between training steps that fails outright for layers narrower than one 64-value block
+    (measured: DPO's reference pass), and under ZeRO-3 it would leave the partitioned shards in the old
+    packing while the quant state says the new one. Training keeps the layout it was loaded in; GPUs
+    never repack.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def check_prequantized(config, path: str, zero3: bool) -> None:
+    """A checkpoint saved quantized (its config holds a quantization_config) cannot be ZeRO-3
+    partitioned: its packed weights are stored in their own dtype, not the training dtype."""
+    if zero3 and getattr(config, "quantization_config", None):
+        method = config.quantization_config
+        method = method.get("quant_method", "?") if isinstance(method, dict) else getattr(method, "quant_method", "?")
+        raise UserError(f"--model_name_or_path {path} is a quantized checkpoint ({method}); ZeRO-3 cannot partition "
+                        "it: train it with ZeRO-2, or start from the full-precision checkpoint with --qlora")
+
+
 def load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, *, model_cls=AutoModelForCausalLM,
                extra_config: Optional[dict] = None, peft_task_type: str = "CAUSAL_LM"):
     """Load (or build from a config) the model to train, with LoRA/QLoRA and checkpointing applied,
@@ -271,17 +341,8 @@ def _load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, m
                 peft_task_type: str):
     dtype = resolve_dtype(model_args, train_args)
     attn = resolve_attn_implementation(model_args)
-    quant = None
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        if ds_config.get("zero_optimization", {}).get("stage") == 3:
-            raise UserError("QLoRA / 4-bit / 8-bit loading is not supported with ZeRO-3 (quantized weights "
-                             "cannot be partitioned); use ds_configs/zero2.json or zero2_offload.json")
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit,
-            bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    quant = quantization_config(model_args, dtype, ds_config)
     if model_args.model_config:
         config = build_config(model_args, tokenizer)
         for k, v in (extra_config or {}).items():
@@ -297,6 +358,7 @@ def _load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, m
             setattr(config, k, v)
         if model_cls is AutoModelForCausalLM:
             model_cls = _composite_class(config) or model_cls
+        check_prequantized(config, model_args.model_name_or_path, zero3)
         model = model_cls.from_pretrained(
             model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
             revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code, dtype=dtype,
@@ -317,19 +379,26 @@ def _load_model(model_args, train_args, lora_args, tokenizer, ds_config: dict, m
         dist.print0(f"{type(model).__name__}: text training on the language model ({trainable:,} parameters); the "
                     f"vision tower and projector ({frozen:,}) stay frozen and are exported unchanged")
 
-    if train_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if quant is not None:
+        keep_4bit_layout(model)
+    if quant is not None and not zero3:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train_args.gradient_checkpointing)
+        # freezes the base, upcasts the other 16-bit weights (norms, embeddings) to fp32 and turns on
+        # checkpointing; non-reentrant, as below (peft's default is torch's reentrant variant). Not under
+        # ZeRO-3: DeepSpeed casts every parameter to one dtype there, and LoRA freezes the base anyway.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train_args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif train_args.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) and with ZeRO-3's parameter hooks
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lora_args.use_peft:
         model = apply_lora(model, lora_args, peft_task_type)
         if train_args.gradient_checkpointing:
             model.enable_input_require_grads()
     if train_args.neft_alpha > 0:
         add_neftune(model, train_args.neft_alpha)
-    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+    if zero3:
         blocks = register_moe_leaf_modules(model)
         if blocks:
             dist.print0(f"ZeRO-3: MoE blocks {', '.join(blocks)} are leaf modules (each gathered whole before it runs)")
@@ -606,3 +675,32 @@ def add_neftune(model, alpha: float) -> None:
 
 def count_parameters(model) -> int:
     return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+
+
+@contextmanager
+def weights_report():
+    """Collect what ``from_pretrained`` found about the checkpoint's weights, instead of transformers'
+    own load report (a table with terminal colour codes, logged as a warning even when the missing
+    weights are expected, e.g. the new score head of a reward model). Yields a dict that is filled
+    with ``missing`` / ``unexpected`` / ``mismatched`` key sets when the block loads a checkpoint
+    (empty when it builds from a config). Errors transformers raises after its report still raise.
+    """
+    found: dict = {}
+    original = getattr(modeling_utils, "log_state_dict_report", None)
+    if original is None:  # another transformers layout: its own report stays
+        yield found
+        return
+    silent = logging.getLogger("medgpt_ds.weights_report")
+    silent.disabled = True
+
+    def report(model, pretrained_model_name_or_path, ignore_mismatched_sizes, loading_info, logger=None):
+        found.update(missing=set(loading_info.missing_keys), unexpected=set(loading_info.unexpected_keys),
+                     mismatched={k[0] for k in loading_info.mismatched_keys})
+        return original(model=model, pretrained_model_name_or_path=pretrained_model_name_or_path,
+                        ignore_mismatched_sizes=ignore_mismatched_sizes, loading_info=loading_info, logger=silent)
+
+    modeling_utils.log_state_dict_report = report
+    try:
+        yield found
+    finally:
+        modeling_utils.log_state_dict_report = original

@@ -95,6 +95,18 @@ def model_dir(tmp_path_factory, tiny_tokenizer, tiny_llama):
 
 
 @pytest.fixture(scope="session")
+def digit_model_dir(tmp_path_factory, tiny_tokenizer, tiny_llama):
+    """A merged HF model dir whose answer depends on the chat: "7 B" / "8 B" / "9 B" when its
+    messages hold that digit, else "A B" (tests.helpers.echo_lm / echo_answer)."""
+    from tests.helpers import echo_lm, save_chat_tokenizer
+
+    out = tmp_path_factory.mktemp("echo")
+    tok = save_chat_tokenizer(tiny_tokenizer, out)
+    echo_lm(tok, tiny_llama).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def adapter_dir(tmp_path_factory, model_dir):
     """A LoRA adapter (on lm_head) over model_dir that makes the first answer token "B": answers "B"."""
     import torch

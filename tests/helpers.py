@@ -53,6 +53,56 @@ def bigram_lm(tok, make_llama, table: dict[str | None, str], scale: float = 4.0)
     return model
 
 
+# The echo chat model: the bigram above, plus one attention head that finds a key digit in the
+# context. A chat whose messages contain 7, 8 or 9 is answered "<digit> B"; any other chat "A B". So
+# a batch (or concurrent requests) shows when an answer went to the wrong row. The pad token is a key
+# too, answered "P": a batch whose padding is attended (a missing or wrong attention mask) answers
+# "P..." in its padded rows.
+ECHO_KEYS = {"7": "7", "8": "8", "9": "9", "<|pad|>": "P"}
+
+
+def echo_answer(text: str) -> str:
+    """What the echo model answers to a chat whose messages hold ``text`` (one key digit at most)."""
+    digits = [c for c in text if c in "789"]
+    return f"{digits[-1]} B" if digits else ANSWER
+
+
+def echo_lm(tok, make_llama):
+    """A tiny Llama (hidden 32) answering as `echo_answer` says.
+
+    Residual directions: 0 "any other token", 1.. one per bigram row (A, Ġ, B and the digits, read
+    by the LM head at scale 32), then one echo direction per key, 30 "is a key", 31 "every token".
+    Layer 0's head 0 scores keys only (query: the every-token direction, key: the is-a-key direction,
+    on the slowest rotary pair, whose angle moves 0.001 rad a position: position-free over a chat),
+    copies the key's own direction into its echo direction, which the head reads at scale 4: above
+    the default next token "A" (4 x 1) at the first answer position, below every bigram row after it.
+    """
+    table = {None: "A", "A": "Ġ", "Ġ": "B", "B": "<|im_end|>", **{k: "Ġ" for k in "789"}}
+    model = bigram_lm(tok, make_llama, table, scale=32.0)
+    ids = {k: tok.convert_tokens_to_ids(k) for k in ECHO_KEYS}
+    assert all(i != tok.unk_token_id and i is not None for i in ids.values()), ids
+    with torch.no_grad():
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head[tok.convert_tokens_to_ids("A"), 0] = 4.0  # the default row is weaker than the others
+        emb[:, 31] = 1.0
+        attn = model.model.layers[0].self_attn
+        for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight):
+            w.zero_()
+        attn.q_proj.weight[3, 31] = 1.0  # head 0, rotary pair (3, 7): inverse frequency 1e4 ** -0.75
+        attn.k_proj.weight[3, 30] = 5.0  # kv head 0 (heads 0 and 1 read it)
+        for n, (key, answer) in enumerate(ECHO_KEYS.items()):
+            i, own, echo = ids[key], 8 + n, 12 + n
+            if key == "<|pad|>":
+                emb[i] = 0.0
+                emb[i, 31] = 1.0
+            emb[i, own] = 1.0
+            emb[i, 30] = 1.0
+            attn.v_proj.weight[n, own] = 1.0
+            attn.o_proj.weight[echo, n] = 1.0  # head 0's value dims are o_proj's inputs 0..7
+            head[tok.convert_tokens_to_ids(answer), echo] = 4.0
+    return model
+
+
 # --- ppo / grpo ----------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@
 - Reward model: a hand-built Llama reward model whose reward has the sign of (#"+" - #"-") in the
   sequence, so a pair is won exactly when the chosen reply is "+" and the rejected one "-".
 - The CLI writes report.json / report.md / report.png; under 2 ranks (torchrun) every number and
-  the batch chat output equal the 1-rank run.
+  the batch chat output equal the 1-rank run (the chat with the echo model: each row its own answer).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ANSWER, BIGRAM, save_chat_tokenizer
+from tests.helpers import ANSWER, BIGRAM, echo_answer, save_chat_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,7 +218,12 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     return {"text": d / "text.txt", "mc": write_jsonl(d / "mc.jsonl", MC),
             "pairs": write_jsonl(d / "pairs.jsonl", PAIRS),
             "prompts": write_jsonl(d / "prompts.jsonl", [{"question": f"Question {i}?", "answer": "A"} for i in range(5)]),
-            "chat": write_jsonl(d / "chat.jsonl", [{"question": f"q{i}", "id": i} for i in range(5)])}
+            "chat": write_jsonl(d / "chat.jsonl", [{"question": CHAT_QUESTIONS[i], "id": i} for i in range(5)])}
+
+
+# for the echo model: different answers per row ("7 B", "A B", "8 B", "9 B", "A B"), so a row answered
+# with another's (a wrong shard order on 2 ranks) shows
+CHAT_QUESTIONS = ["bed 7", "q", "bed 8", "bed 9", "q2"]
 
 
 def _eval_argv(model: Path, rm: Path, f: dict[str, Path], out: Path) -> list[str]:
@@ -266,10 +271,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.distributed
-def test_two_ranks_match_one_rank(model_dir, rm_dir, tmp_path, monkeypatch):
+def test_two_ranks_match_one_rank(model_dir, digit_model_dir, rm_dir, tmp_path, monkeypatch):
     """One torchrun launch, 2 ranks: batch chat and every evaluation, compared with 1 rank in-process."""
     f = _files(tmp_path)
-    chat_argv = ["--model_name_or_path", str(model_dir), "--input_file", str(f["chat"]), "--batch_size", "2"]
+    chat_argv = ["--model_name_or_path", str(digit_model_dir), "--input_file", str(f["chat"]), "--batch_size", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache/torch_extensions")}
     (tmp_path / "driver.py").write_text(DRIVER, encoding="utf-8")
@@ -292,7 +297,8 @@ def test_two_ranks_match_one_rank(model_dir, rm_dir, tmp_path, monkeypatch):
     chat.main([*chat_argv, "--output_file", str(tmp_path / "answers1.jsonl")])
     answers1 = [json.loads(x) for x in (tmp_path / "answers1.jsonl").read_text(encoding="utf-8").splitlines()]
     rep1 = evaluate.main(_eval_argv(model_dir, rm_dir, f, tmp_path / "eval1"))
-    assert answers2 == answers1 == [{"question": f"q{i}", "id": i, "response": ANSWER} for i in range(5)]
+    assert answers2 == answers1 == [{"question": t, "id": i, "response": echo_answer(t)} for i, t in enumerate(CHAT_QUESTIONS)]
+    assert len({a["response"] for a in answers1}) == 4
     assert rep2["world_size"] == 2 and rep1["world_size"] == 1
     assert rep2["multiple_choice"][0]["predictions"] == rep1["multiple_choice"][0]["predictions"]
     assert rep2["multiple_choice"][0]["accuracy"] == MC_SHARE_A

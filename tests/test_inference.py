@@ -4,7 +4,8 @@ stop strings, and the chat CLI in batch mode and interactively through a pseudo-
 The test model is the hand-built bigram of tests/helpers.py (fixture model_dir, conftest.py):
 attention and MLP outputs are zeroed, so the residual stream is the embedding of the last token and
 the logits are a table we write. Whatever the question, it answers "A B" and ends its turn, so every
-check below compares exact strings.
+check below compares exact strings. Batches are checked with the echo model (tests/helpers.py), whose
+answer depends on the chat, so an answer given to the wrong row or attended padding shows.
 """
 from __future__ import annotations
 
@@ -86,6 +87,30 @@ def test_generate_batch_answers_each_row_its_own_prompt(echo_model_dir):
 
 
 @pytest.mark.unit
+def test_generate_batch_each_row_gets_the_answer_to_its_own_prompt(digit_model_dir):
+    """The echo model answers by what the chat holds: a row answered with another row's answer, or
+    padding that is attended (a wrong mask answers "P..."), shows here. Rows of very different lengths
+    (left padding of 0 to ~20 tokens), alone and in both orders."""
+    from medgpt_ds.inference import ChatModel, GenerationConfig
+    from tests.helpers import echo_answer
+
+    echo = ChatModel.load(str(digit_model_dir), device="cpu")
+    texts = ["What causes a fever? 7", "hello", "and then what happens to the patient at 9 in the morning?", "8",
+             "What dose should I take?"]
+    want = [echo_answer(t) for t in texts]
+    assert sorted(set(want)) == ["7 B", "8 B", "9 B", "A B"]
+    cfg = GenerationConfig(max_new_tokens=8)
+    chats = [user(t) for t in texts]
+    assert [c.text for c in echo.generate(chats, cfg)] == want
+    assert [c.text for c in echo.generate(chats[::-1], cfg)] == want[::-1]
+    assert [echo.generate([c], cfg)[0].text for c in chats] == want
+    # the digit may sit in an earlier turn or the system prompt: the whole chat is the prompt
+    history = [{"role": "system", "content": "Room 8."}, *user("hi"), {"role": "assistant", "content": "A B"},
+               *user("and now?")]
+    assert [c.text for c in echo.generate([history, user("hi")], cfg)] == ["8 B", ANSWER]
+
+
+@pytest.mark.unit
 def test_max_new_tokens_and_stop_strings(chat):
     from medgpt_ds.inference import GenerationConfig
 
@@ -107,7 +132,7 @@ def test_stream_pieces_add_up_and_hold_back_stop_strings(chat):
     assert "".join(pieces) == ANSWER and len(pieces) > 1  # streamed in pieces (words), not at once
     assert (s.completion.finish_reason, s.completion.completion_tokens) == ("stop", 4)
     s = chat.stream(user("q"), GenerationConfig(stop=(" B",)))
-    assert list(s) == ["A"] and s.completion.finish_reason == "stop"
+    assert "".join(s) == "A" and s.completion.finish_reason == "stop"
     s = chat.stream(user("q"), GenerationConfig(max_new_tokens=1))
     assert "".join(s) == "A" and s.completion.finish_reason == "length"
     s = chat.stream(user("q"))
@@ -184,7 +209,7 @@ def _chat_cli():
 
 
 @pytest.mark.smoke
-def test_chat_cli_batch_mode_and_one_prompt(tmp_path, model_dir, adapter_dir, capsys):
+def test_chat_cli_batch_mode_and_one_prompt(tmp_path, model_dir, adapter_dir, digit_model_dir, capsys):
     cli = _chat_cli()
     rows = [{"question": "What is a fever?", "id": 1}, {"messages": user("hi")}, {"prompt": "Explain anemia."}]
     src, dst = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
@@ -200,6 +225,16 @@ def test_chat_cli_batch_mode_and_one_prompt(tmp_path, model_dir, adapter_dir, ca
     # one question on the command line, as the README demo asks it
     cli.main(["--model_name_or_path", str(model_dir), "--prompt", "What are the symptoms of influenza?"])
     assert capsys.readouterr().out.splitlines() == ["User: What are the symptoms of influenza?", f"Assistant: {ANSWER}"]
+    # batches of 2 over rows with different answers: each output row answers its own input row
+    rows = [{"question": f"Patient in bed {n}?" if n else "Patient in bed?"} for n in (7, 0, 9, 8, 0)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cli.main(["--model_name_or_path", str(digit_model_dir), "--input_file", str(src), "--output_file", str(dst),
+              "--batch_size", "2", "--max_new_tokens", "8"])
+    got = [json.loads(line)["response"] for line in dst.read_text(encoding="utf-8").splitlines()]
+    assert got == ["7 B", ANSWER, "9 B", "8 B", ANSWER]
+    with pytest.raises(ValueError, match="q.jsonl:2: invalid JSON"):
+        src.write_text('{"question": "ok"}\n{oops\n', encoding="utf-8")
+        cli.main(["--model_name_or_path", str(model_dir), "--input_file", str(src)])
 
 
 @pytest.mark.smoke

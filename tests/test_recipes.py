@@ -8,10 +8,17 @@ from medgpt_ds.cli import STAGE_MODULES
 from medgpt_ds.config import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "launch", "recipes", "*.yaml")))
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "launch", "recipes", "*.yaml"))))
+def test_found_the_recipes():
+    """The parametrized test below runs once per recipe: an empty glob would pass by running nothing."""
+    assert {os.path.basename(p) for p in RECIPES} >= {"pt.yaml", "sft_lora.yaml"}, RECIPES
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", RECIPES)
 def test_recipe_parses(path, monkeypatch):
     import importlib
 

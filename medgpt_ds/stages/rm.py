@@ -24,7 +24,7 @@ from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.pairs import PairCollator, load_pairs
 from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.losses import rm_pairwise_loss
-from medgpt_ds.model import count_parameters, load_model, load_tokenizer
+from medgpt_ds.model import count_parameters, load_model, load_tokenizer, weights_report
 
 
 @dataclass
@@ -55,6 +55,25 @@ def pairwise_loss_sum(engine, batch: dict, margin: float = 0.0, center_rewards_c
     return loss * n, {k: v * n for k, v in metrics.items()}
 
 
+def describe_head(loaded: dict, path: str) -> str:
+    """One line on what the reward model got from ``path``: the score head is new (as expected from a
+    causal LM, whose unused lm_head is the only extra weight) or loaded (from a reward model); any
+    other weight missing from the checkpoint or not used is a warning that names them."""
+    missing, unexpected = loaded["missing"] | loaded["mismatched"], loaded["unexpected"]
+    head = {k for k in missing if "score" in k.split(".")[:-1]}
+    lines = [f"rm: the score head ({', '.join(sorted(head))}) is new, randomly initialised, as expected for a reward "
+             f"model built on {path}" if head else f"rm: the score head is loaded from {path}"]
+    other_missing = sorted(missing - head)
+    other_unexpected = sorted(k for k in unexpected if "lm_head" not in k.split(".")[:-1])
+    if other_missing:
+        lines.append(f"warning: {len(other_missing)} weights are missing from {path} and start random: "
+                     f"{', '.join(other_missing[:8])}{' ...' if len(other_missing) > 8 else ''}")
+    if other_unexpected:
+        lines.append(f"warning: {len(other_unexpected)} weights in {path} are not used by the reward model: "
+                     f"{', '.join(other_unexpected[:8])}{' ...' if len(other_unexpected) > 8 else ''}")
+    return "\n".join(lines)
+
+
 def run(cfg) -> loop.TrainState:
     t, d, a = cfg.train, cfg.data, cfg.stage_args or Arguments()
     dist.init(t.ddp_timeout)
@@ -71,8 +90,11 @@ def run(cfg) -> loop.TrainState:
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
-    model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config, model_cls=AutoModelForSequenceClassification,
-                       extra_config={"num_labels": 1, "pad_token_id": tokenizer.pad_token_id}, peft_task_type="SEQ_CLS")
+    with weights_report() as loaded:
+        model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config, model_cls=AutoModelForSequenceClassification,
+                           extra_config={"num_labels": 1, "pad_token_id": tokenizer.pad_token_id}, peft_task_type="SEQ_CLS")
+    if loaded:
+        dist.print0(describe_head(loaded, cfg.model.model_name_or_path))
     long_context.prepare_model(model, t)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
 

@@ -51,7 +51,7 @@ def assert_trained_across_hosts(info, log, out, steps=STEPS):
     recs = metrics(out)
     assert sorted(recs) == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) for r in recs.values())
-    assert "train step 1 | loss" in log
+    assert f"step 1/{steps} (" in log and "| loss " in log
     assert (out / "latest").read_text().strip() == f"checkpoint-{steps}"
     assert (out / f"checkpoint-{steps}").is_dir()
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -128,7 +128,7 @@ def test_failed_rank_fails_the_job(slurm_cluster, tiny_assets, tmp_path):
         from datetime import datetime
         lag = datetime.fromisoformat(info["EndTime"]) - datetime.fromisoformat(died.group(1))
         print(f"rank 1 died -> job FAILED in {lag.total_seconds():.0f}s")
-    assert "train step 2 |" in text and "train step 4 |" not in text  # rank 0 did not run on alone
+    assert "step 2/1000 (" in text and "step 4/1000 (" not in text  # rank 0 did not run on alone
     assert not (tmp_path / "out" / "config.json").exists()
 
 
@@ -141,10 +141,10 @@ def test_preempt_checkpoint_requeue_resume(slurm_cluster, tiny_assets, tmp_path,
     t0 = time.monotonic()
     job, log = submit(slurm_cluster, "slurm/sft_multinode.sbatch", tmp_path, env)
     stops = []
-    for n, (needle, scancel) in enumerate([("train step 2 |", ["--batch", "--signal=USR1"]),
+    for n, (needle, scancel) in enumerate([(f"step 2/{STEPS} (", ["--batch", "--signal=USR1"]),
                                            (None, ["--signal=TERM"])], start=1):
         # the second stop: once the resumed run has logged two steps of its own
-        needle = needle or f"train step {stops[-1] + 2} |"
+        needle = needle or f"step {stops[-1] + 2}/{STEPS} ("
         wait_for_log(slurm_cluster, job, log, needle, after=f"(restart {n - 1})")
         r = slurm_cluster.host_run(["scancel", *scancel, str(job)])
         assert r.returncode == 0, r.stderr
