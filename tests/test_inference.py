@@ -232,9 +232,7 @@ def test_chat_cli_batch_mode_and_one_prompt(tmp_path, model_dir, adapter_dir, di
               "--batch_size", "2", "--max_new_tokens", "8"])
     got = [json.loads(line)["response"] for line in dst.read_text(encoding="utf-8").splitlines()]
     assert got == ["7 B", ANSWER, "9 B", "8 B", ANSWER]
-    with pytest.raises(ValueError, match="q.jsonl:2: invalid JSON"):
-        src.write_text('{"question": "ok"}\n{oops\n', encoding="utf-8")
-        cli.main(["--model_name_or_path", str(model_dir), "--input_file", str(src)])
+    # a bad input row: tests/test_user_errors.py (one error line naming file:line and field)
 
 
 @pytest.mark.smoke
