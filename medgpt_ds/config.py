@@ -27,7 +27,7 @@ from medgpt_ds.rewards import RULE_REWARDS
 # The stages: each is medgpt_ds/stages/<name>.py with run(cfg) (and its own flags as `Arguments`),
 # with the kind of data it reads (data/formats.py). A new stage is its file plus its line here.
 STAGE_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "ppo": "prompt", "dpo": "preference",
-              "orpo": "preference", "grpo": "prompt"}
+              "orpo": "preference", "grpo": "prompt", "opd": "sft"}
 STAGES = tuple(STAGE_DATA)
 
 # MedicalGPT / HF Trainer flags with no meaning under this trainer: accepted, warned about.
