@@ -33,6 +33,7 @@ STAGES = tuple(STAGE_DATA)
 # MedicalGPT / HF Trainer flags with no meaning under this trainer: accepted, warned about.
 IGNORED_FLAGS = {
     "device_map": "DeepSpeed places the model; device_map is ignored under multi-rank training",
+    "teacher_device_map": "the opd teacher is a frozen DeepSpeed engine (4/8-bit: whole on each rank's device)",
     "ddp_find_unused_parameters": "DeepSpeed does not use torch DDP",
     "optim": "the optimizer comes from the DeepSpeed config (AdamW by default)",
     "remove_unused_columns": "datasets are tokenized by the stage itself",

@@ -180,8 +180,8 @@ def test_opd_medicalgpt_run_opd_sh_flags_lora_4bit_teacher_tool_calls(tmp_path, 
 
 
 @pytest.mark.unit
-def test_opd_refuses_another_vocabulary_and_a_4bit_teacher_under_zero3(tmp_path, assets, tiny_tokenizer, tiny_llama,
-                                                                       capsys):
+def test_opd_refuses_another_vocabulary_and_a_4bit_teacher_under_zero3(tmp_path, tiny_base_dir, tiny_tokenizer,
+                                                                       tiny_llama, capsys):
     # cli.main in-process: both are refused before any rank starts (no process group, no model loaded)
     from transformers import LlamaConfig
 
@@ -197,6 +197,7 @@ def test_opd_refuses_another_vocabulary_and_a_4bit_teacher_under_zero3(tmp_path,
         assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
         return lines[0]
 
+    assets = {"student": tiny_base_dir, "teacher": tiny_base_dir}
     other = tmp_path / "other"
     tiny_llama(len(tiny_tokenizer), seed=1).save_pretrained(other)
     tiny_tokenizer.save_pretrained(other)
@@ -260,14 +261,15 @@ def test_opd_samples_are_every_assistant_turn_with_tool_calls(tmp_path, demo_tok
 
 
 @pytest.mark.unit
-def test_opd_flags(assets):
+def test_opd_flags(tiny_base_dir, capsys):
     from medgpt_ds.config import parse_args
     from medgpt_ds.errors import UserError
     from medgpt_ds.stages.opd import Arguments
 
-    base = ["--stage", "opd", "--model_name_or_path", assets["student"], "--output_dir", "x"]
+    base = ["--stage", "opd", "--model_name_or_path", tiny_base_dir, "--output_dir", "x"]
     a = parse_args(base + ["--teacher_model_name_or_path", "t", "--opd_lambda", "0.25", "--max_prompt_length", "64",
-                           "--teacher_load_in_4bit", "True"], {"opd": Arguments}).stage_args
+                           "--teacher_load_in_4bit", "True", "--teacher_device_map", "auto"], {"opd": Arguments}).stage_args
+    assert "warning: --teacher_device_map is accepted but ignored" in capsys.readouterr().err
     assert (a.opd_lambda, a.opd_beta, a.max_prompt_length, a.teacher_load_in_4bit, a.temperature) == (
         0.25, 0.5, 64, True, 0.9)
     for bad, match in ((["--opd_lambda", "1.5"], "opd_lambda"), (["--opd_beta", "-0.1"], "opd_beta"),
