@@ -37,7 +37,7 @@ def _greedy(model_dir: str, questions: list[str], max_new_tokens: int = 16) -> l
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, demo_tokenizer_dir, tiny_llama):
     """A teacher trained here to answer every question with PHRASE, and a random student, tiny Llamas (hidden 64
-    and 32) with the ChatML demo tokenizer: {"teacher": dir, "student": dir}."""
+    and 32; vocabulary rows 608 and 600) with the ChatML demo tokenizer: {"teacher": dir, "student": dir}."""
     from transformers import AutoTokenizer
 
     from medgpt_ds.data.templates import encode_conversation
@@ -54,7 +54,9 @@ def assets(tmp_path_factory, demo_tokenizer_dir, tiny_llama):
     labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in enc])
     mask = (torch.arange(width)[None] < torch.tensor([len(e["input_ids"]) for e in enc])[:, None]).long()
     # wider than the student (hidden 64; bitsandbytes' CPU 4-bit kernels also refuse hidden 32's 16-row k_proj)
-    teacher = tiny_llama(len(tok), seed=7, hidden_size=64, intermediate_size=128, pad_token_id=tok.pad_token_id,
+    # 8 padding rows past the shared tokenizer, as Qwen2.5-7B's 152064 against 1.5B's 151936: compared over the
+    # student's 600
+    teacher = tiny_llama(len(tok) + 8, seed=7, hidden_size=64, intermediate_size=128, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id).train()
     opt = torch.optim.Adam(teacher.parameters(), lr=1e-2)
     for step in range(40):  # ~16 samples a step: the phrase whatever the question (loss ~0.01)
@@ -122,6 +124,7 @@ def test_opd_two_ranks_zero3_teacher_partitioned_and_exact_resume(tmp_path, asse
     line = next(ln for ln in p.stdout.splitlines() if "teacher" in ln and "ZeRO-3 partitioned" in ln)
     held, total = (int(x.replace(",", "")) for x in line.split("holds ")[1].split(" parameters")[0].split(" of its "))
     assert 0 < held < total, line
+    assert "the teacher has 608 vocabulary rows, the student 600" in p.stdout
     m_full = _by_step(full)
     assert sorted(m_full) == [1, 2, 3, 4]
     fractions = {r["on_policy_fraction"] for r in m_full.values()}
