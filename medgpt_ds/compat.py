@@ -153,6 +153,9 @@ MEDICALGPT_DEFAULTS: dict[str, tuple[str, dict]] = {
     "ppo": ("ppo_training.py (TRL RLOOConfig)", dict(_TRL_RL)),
     "grpo": ("grpo_training.py (TRL GRPOConfig)", {**_TRL_RL, "num_generations": 8, "beta": 0.0,
                                                     "loss_type": "dapo", "system_prompt": "think_answer"}),
+    # its own dataclass (use_peft, lora_alpha) and TRL's GKDConfig, an SFTConfig (learning rate, checkpointing)
+    "opd": ("opd_training.py (TRL GKDConfig)", {**_HF, "learning_rate": 2e-5, "gradient_checkpointing": True,
+                                                "use_peft": True, "lora_alpha": 16.0, "max_new_tokens": 128}),
 }
 
 

@@ -414,10 +414,11 @@ def _gjsd_per_token(student: torch.Tensor, teacher: torch.Tensor, beta: float) -
 class _ChunkedGJSD(torch.autograd.Function):
     """The summed divergence over the masked rows, ``chunk_size`` rows at a time in float32; each
     chunk's gradient is taken in the forward and written into one buffer of the logits' dtype, so
-    neither the fp32 (N, V) intermediates nor a full-size gradient per chunk ever exist at once."""
+    neither the fp32 (N, V) intermediates nor a full-size gradient per chunk ever exist at once.
+    With ``teacher_head`` the teacher's logits are made from its hidden states one chunk at a time."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, mask, beta, temperature, chunk_size, need_grad):
+    def forward(ctx, student_logits, teacher, mask, beta, temperature, chunk_size, need_grad, teacher_head):
         rows, cols = mask.nonzero(as_tuple=True)  # (N,) each: the scored positions, indexed without a copy of all
         grad = torch.zeros_like(student_logits) if need_grad else None  # (B, T, V) in the logits' dtype
         dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 / fp16 -> fp32, fp64 stays
@@ -426,7 +427,11 @@ class _ChunkedGJSD(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk_size):
             r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
             s = student_logits[r, c].to(dtype)  # (chunk, V): one chunk upcast at a time
-            t = teacher_logits[r, c].to(dtype)
+            t = teacher[r, c] if teacher_head is None else teacher_head(teacher[r, c])  # (chunk, V)
+            if t.shape != s.shape:
+                raise ValueError(f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in "
+                                 "shape")
+            t = t.to(dtype)
             agree += (s.argmax(-1) == t.argmax(-1)).sum()
             with torch.enable_grad():
                 s.requires_grad_(need_grad)
@@ -442,26 +447,29 @@ class _ChunkedGJSD(torch.autograd.Function):
     def backward(ctx, grad_total, grad_agree):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return None, None, None, None, None, None, None
-        return grad * grad_total.to(grad.dtype), None, None, None, None, None, None
+            return (None,) * 8
+        return (grad * grad_total.to(grad.dtype),) + (None,) * 7
 
 
 def generalized_jsd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher: torch.Tensor,
     mask: torch.Tensor,
     beta: float = 0.5,
     temperature: float = 1.0,
     num_tokens: float | torch.Tensor | None = None,
     chunk_size: int = 1024,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """GKD's generalized Jensen-Shannon divergence per token, ``beta KL(t || m) + (1 - beta) KL(s || m)`` with
     ``m = beta t + (1 - beta) s`` (Agarwal et al. 2024, eq. 1; as TRL's ``GKDTrainer.generalized_jsd_loss``): beta 0
     is the forward KL(t || s), beta 1 the reverse KL(s || t).
 
     Args:
-        student_logits, teacher_logits: (B, T, V) over the same positions (any float dtype; the teacher is not
-            differentiated); both are divided by ``temperature`` before the softmax.
+        student_logits: (B, T, V) (any float dtype).
+        teacher: (B, T, V) logits over the same positions, or with ``teacher_head`` (B, T, H) final hidden
+            states that ``teacher_head`` maps (N, H) -> (N, V) a chunk at a time (the teacher's (B, T, V) logits
+            never exist). Not differentiated. Both distributions are divided by ``temperature`` before the softmax.
         mask: (B, T) the scored positions (response tokens).
         num_tokens: reduced as ``sum / num_tokens`` (module docstring); default the local masked mean.
         chunk_size: rows upcast to float32 at a time (the divergence never holds (B, T, V) in fp32).
@@ -471,13 +479,13 @@ def generalized_jsd_loss(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"generalized JSD needs 0 <= beta <= 1, got {beta}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape")
+    if student_logits.shape[:2] != teacher.shape[:2] or (teacher_head is None and student_logits.shape != teacher.shape):
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher {tuple(teacher.shape)} differ in "
+                         "shape")
     mask = mask.bool()
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()  # no gradient buffer in evaluation
-    total, agree = _ChunkedGJSD.apply(student_logits, teacher_logits.detach(), mask, float(beta),
-                                      float(temperature), int(chunk_size), need_grad)
+    total, agree = _ChunkedGJSD.apply(student_logits, teacher.detach(), mask, float(beta), float(temperature),
+                                      int(chunk_size), need_grad, teacher_head)
     count = mask.sum()
     local = count.clamp(min=1).to(total.dtype)
     loss = total / local if num_tokens is None else total / num_tokens

@@ -580,3 +580,28 @@ def test_generalized_jsd_chunks_bound_the_fp32_rows(monkeypatch):
     with torch.no_grad():  # evaluation: no gradient taken (log_softmax runs outside autograd.grad only)
         loss, _ = generalized_jsd_loss(student, teacher, mask, chunk_size=2)
     torch.testing.assert_close(loss, big)
+
+
+def test_generalized_jsd_teacher_head_makes_the_logits_a_chunk_at_a_time():
+    # the teacher as final hidden states + its output head (2 padding rows past the shared 11, cut by the caller):
+    # the same value, gradient and metrics as its full logits, the head only ever sees chunk_size rows
+    student, _, mask = _gjsd_case(3)
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)  # (B, T, H)
+    weight = torch.randn(13, 6, generator=g, dtype=torch.float64) * 2  # (V + 2, H)
+    rows = []
+
+    def head(h):
+        rows.append(h.size(0))
+        return (h @ weight.T)[..., :11]
+
+    ours, m = generalized_jsd_loss(student, hidden, mask, beta=0.3, chunk_size=2, teacher_head=head)
+    (g_ours,) = torch.autograd.grad(ours, student)
+    full, m_full = generalized_jsd_loss(student, (hidden @ weight.T)[..., :11], mask, beta=0.3)
+    (g_full,) = torch.autograd.grad(full, student)
+    assert max(rows) == 2 and sum(rows) == int(mask.sum())
+    torch.testing.assert_close(ours, full)
+    torch.testing.assert_close(g_ours, g_full)
+    torch.testing.assert_close(m["top1_agreement"], m_full["top1_agreement"])
+    with pytest.raises(ValueError, match="differ in shape"):  # a head wider than the student's vocabulary
+        generalized_jsd_loss(student, hidden, mask, teacher_head=lambda h: h @ weight.T)

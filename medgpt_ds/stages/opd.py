@@ -8,8 +8,9 @@ student is a DeepSpeed engine (full or LoRA, ZeRO-2/3), the teacher a frozen eng
 parameters optionally on the CPU, or 4-bit / 8-bit on ZeRO-0/1/2), and the student samples through the rollout
 backends of ppo / grpo. Each optimizer step: per micro batch a seeded draw (the same on every rank) makes it
 on-policy with probability --opd_lambda; the on-policy prompts are answered by the student in one rollout, the
-others keep their dataset answer; teacher and student score the response tokens and the student takes the
-generalized JSD (--opd_beta: 0 forward KL, 1 reverse KL) as a token mean over the whole step.
+others keep their dataset answer; teacher and student score the response tokens (the teacher's logits made from
+its hidden states --loss_chunk_size tokens at a time) and the student takes the generalized JSD (--opd_beta: 0
+forward KL, 1 reverse KL; fp32 a chunk at a time) as a token mean over the whole step.
 Data: MedicalGPT's sft formats; every assistant turn with the conversation before it is one sample (tool calls
 and tool results rendered per --tool_format).
 
@@ -20,6 +21,7 @@ and tool results rendered per --tool_format).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -30,7 +32,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-from medgpt_ds import checkpoint, dist, engine as eng, generation, loop, rl
+from medgpt_ds import checkpoint, dist, engine as eng, generation, long_context, loop, rl
 from medgpt_ds.config import RolloutArguments
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.loading import data_key, load_train_eval, resolve_tools, tokenize_records
@@ -200,6 +202,14 @@ def response_logits(model, gen: Generation) -> torch.Tensor:
     return out.logits[:, -(R + 1):-1]
 
 
+def response_hidden(model, gen: Generation) -> torch.Tensor:
+    """(B, R, H) final hidden states at the positions that predict the response tokens (no logits computed)."""
+    R = gen.response_mask.size(1)
+    hidden = long_context.final_hidden_states(model, input_ids=gen.sequences, attention_mask=gen.attention_mask,
+                                              position_ids=gen.position_ids, use_cache=False)
+    return hidden[:, -(R + 1):-1]
+
+
 def load_teacher(cfg, a, tokenizer, frozen_config: dict):
     """The frozen teacher: a ZeRO-3 (or replicated) frozen engine, or with --teacher_load_in_4bit/8bit a
     bitsandbytes model on this rank's device (quantized weights can be neither partitioned nor cast)."""
@@ -291,6 +301,10 @@ def run(cfg) -> Optional[TrainState]:
     backend = generation.make_backend(a.rollout_backend, student, tokenizer, params, zero3=zero3, args=a)
     how = ("4-bit" if a.teacher_load_in_4bit else "8-bit") if quantized else (
         "ZeRO-3 partitioned" + (", parameters on the CPU" if a.offload_frozen else "") if zero3 else "replicated")
+    # the teacher's logits from its hidden states, --loss_chunk_size tokens at a time, wherever its output head
+    # reproduces its logits (--chunked_loss False, or a head it cannot: its (B, R, V) logits per micro batch)
+    teacher_chunks = long_context.loss_chunk_size(t, teacher, "opd teacher")
+    teacher_head = long_context.OutputHead(teacher) if teacher_chunks else None
     if zero3:  # what partitioning left on this rank (rank 0 speaks for all)
         held = sum(p.ds_tensor.numel() for p in teacher.parameters())
         how += f", rank 0 holds {held:,} of its {sum(p.ds_numel for p in teacher.parameters()):,} parameters"
@@ -314,11 +328,15 @@ def run(cfg) -> Optional[TrainState]:
         """(loss, metrics, teacher seconds) of the student against the teacher on ``gen``'s response tokens."""
         start = time.perf_counter()
         with torch.no_grad():
-            t_logits = response_logits(teacher, gen)[..., :vocab]
+            t_out = response_hidden(teacher, gen) if teacher_chunks else response_logits(teacher, gen)[..., :vocab]
         teacher_s = time.perf_counter() - start
         s_logits = response_logits(student, gen)
-        loss, m = generalized_jsd_loss(s_logits, t_logits, gen.response_mask, beta=a.opd_beta,
-                                       temperature=a.jsd_temperature, num_tokens=num_tokens)
+        # under ZeRO-3 the teacher's partitioned head is gathered once per micro batch (collective)
+        with teacher_head.gathered() if teacher_head else contextlib.nullcontext() as head_fn:
+            loss, m = generalized_jsd_loss(s_logits, t_out, gen.response_mask, beta=a.opd_beta,
+                                           temperature=a.jsd_temperature, num_tokens=num_tokens,
+                                           chunk_size=t.loss_chunk_size,
+                                           teacher_head=(lambda h: head_fn(h)[..., :vocab]) if head_fn else None)
         return loss, m, teacher_s
 
     def eval_collate(batch: list[dict]) -> dict:
