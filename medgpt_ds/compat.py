@@ -39,10 +39,9 @@ ALIAS_HINTS = {
     "use_vllm": "vLLM generates rollouts in ppo and grpo only",
 }
 
-# MedicalGPT's stages that are not (yet) ours: --stage X names where its script belongs.
-MEDICALGPT_STAGES_ELSEWHERE = {
-    "opd": "on-policy distillation, MedicalGPT's run_opd.sh / opd_training.py, is not in this version of medgpt-ds",
-}
+# MedicalGPT's stages that are not (yet) ours: --stage X names where its script belongs (none today: opd,
+# its newest, is medgpt_ds/stages/opd.py).
+MEDICALGPT_STAGES_ELSEWHERE: dict[str, str] = {}
 
 # Flags that take a list: MedicalGPT/TRL pass them space-separated (`--lora_target_modules q_proj
 # k_proj`), our dataclasses hold a comma-separated string; both forms are accepted.
@@ -154,6 +153,9 @@ MEDICALGPT_DEFAULTS: dict[str, tuple[str, dict]] = {
     "ppo": ("ppo_training.py (TRL RLOOConfig)", dict(_TRL_RL)),
     "grpo": ("grpo_training.py (TRL GRPOConfig)", {**_TRL_RL, "num_generations": 8, "beta": 0.0,
                                                     "loss_type": "dapo", "system_prompt": "think_answer"}),
+    # its own dataclass (use_peft, lora_alpha) and TRL's GKDConfig, an SFTConfig (learning rate, checkpointing)
+    "opd": ("opd_training.py (TRL GKDConfig)", {**_HF, "learning_rate": 2e-5, "gradient_checkpointing": True,
+                                                "use_peft": True, "lora_alpha": 16.0, "max_new_tokens": 128}),
 }
 
 

@@ -36,13 +36,14 @@ from medgpt_ds.rewards import RULE_REWARDS
 # The stages: each is medgpt_ds/stages/<name>.py with run(cfg) (and its own flags as `Arguments`),
 # with the kind of data it reads (data/formats.py). A new stage is its file plus its line here.
 STAGE_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "ppo": "prompt", "dpo": "preference",
-              "orpo": "preference", "grpo": "prompt"}
+              "orpo": "preference", "grpo": "prompt", "opd": "sft"}
 STAGES = tuple(STAGE_DATA)
 SEQUENCE_PARALLEL_STAGES = ("pt", "sft", "dpo", "orpo")
 
 # MedicalGPT / HF Trainer flags with no meaning under this trainer: accepted, warned about.
 IGNORED_FLAGS = {
     "device_map": "DeepSpeed places the model; device_map is ignored under multi-rank training",
+    "teacher_device_map": "the opd teacher is a frozen DeepSpeed engine (4/8-bit: whole on each rank's device)",
     "ddp_find_unused_parameters": "DeepSpeed does not use torch DDP",
     "optim": "the optimizer comes from the DeepSpeed config (AdamW by default)",
     "remove_unused_columns": "datasets are tokenized by the stage itself",
@@ -546,7 +547,7 @@ def _cross_checks(cfg: RunConfig) -> None:
     if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):
         raise UserError(f"--output_dir {t.output_dir} is a file, not a folder")
     unwired = [f for f in ("tiled_mlp", "offload_activations", "use_liger_kernel") if getattr(t, f)]
-    if unwired and t.stage in ("ppo", "grpo"):
+    if unwired and t.stage in ("ppo", "grpo", "opd"):
         raise UserError(f"--{unwired[0]} is not available for --stage {t.stage} (its rollouts generate with the "
                         "model); use it for pt, sft, rm, dpo, orpo")
     if t.deepspeed and not os.path.isfile(t.deepspeed):

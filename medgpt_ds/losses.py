@@ -14,6 +14,7 @@ when every micro-batch has the same number of pairs.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -392,4 +393,101 @@ def grpo_loss(
         metrics["clip_ratio/low_mean"] = _masked_mean(low.float(), mask)
         metrics["clip_ratio/high_mean"] = _masked_mean(high.float(), mask)
         metrics["clip_ratio/region_mean"] = _masked_mean((low | high).float(), mask)
+    return loss, metrics
+
+
+# --- distillation -----------------------------------------------------------------------------
+
+
+def _gjsd_per_token(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized JSD of each row of (N, V) float logits (already divided by the temperature): (N,)."""
+    s, t = F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)  # (N, V)
+    if beta == 0.0:  # forward KL(t || s)
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1.0:  # reverse KL(s || t)
+        return (s.exp() * (s - t)).sum(-1)
+    # log of the mixture m = (1 - beta) s + beta t, as TRL computes it
+    m = torch.logsumexp(torch.stack([s + math.log1p(-beta), t + math.log(beta)]), dim=0)  # (N, V)
+    return beta * (t.exp() * (t - m)).sum(-1) + (1.0 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+class _ChunkedGJSD(torch.autograd.Function):
+    """The summed divergence over the masked rows, ``chunk_size`` rows at a time in float32; each
+    chunk's gradient is taken in the forward and written into one buffer of the logits' dtype, so
+    neither the fp32 (N, V) intermediates nor a full-size gradient per chunk ever exist at once.
+    With ``teacher_head`` the teacher's logits are made from its hidden states one chunk at a time."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher, mask, beta, temperature, chunk_size, need_grad, teacher_head):
+        rows, cols = mask.nonzero(as_tuple=True)  # (N,) each: the scored positions, indexed without a copy of all
+        grad = torch.zeros_like(student_logits) if need_grad else None  # (B, T, V) in the logits' dtype
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 / fp16 -> fp32, fp64 stays
+        total = torch.zeros((), dtype=dtype, device=student_logits.device)
+        agree = torch.zeros((), dtype=dtype, device=student_logits.device)
+        for start in range(0, rows.numel(), chunk_size):
+            r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
+            s = student_logits[r, c].to(dtype)  # (chunk, V): one chunk upcast at a time
+            t = teacher[r, c] if teacher_head is None else teacher_head(teacher[r, c])  # (chunk, V)
+            if t.shape != s.shape:
+                raise ValueError(f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in "
+                                 "shape")
+            t = t.to(dtype)
+            agree += (s.argmax(-1) == t.argmax(-1)).sum()
+            with torch.enable_grad():
+                s.requires_grad_(need_grad)
+                per_token = _gjsd_per_token(s / temperature, t / temperature, beta)  # (chunk,)
+                if need_grad:
+                    (g,) = torch.autograd.grad(per_token.sum(), s)
+                    grad[r, c] = g.to(grad.dtype)
+            total += per_token.detach().sum()
+        ctx.save_for_backward(grad)
+        return total, agree
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_agree):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 8
+        return (grad * grad_total.to(grad.dtype),) + (None,) * 7
+
+
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    num_tokens: float | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """GKD's generalized Jensen-Shannon divergence per token, ``beta KL(t || m) + (1 - beta) KL(s || m)`` with
+    ``m = beta t + (1 - beta) s`` (Agarwal et al. 2024, eq. 1; as TRL's ``GKDTrainer.generalized_jsd_loss``): beta 0
+    is the forward KL(t || s), beta 1 the reverse KL(s || t).
+
+    Args:
+        student_logits: (B, T, V) (any float dtype).
+        teacher: (B, T, V) logits over the same positions, or with ``teacher_head`` (B, T, H) final hidden
+            states that ``teacher_head`` maps (N, H) -> (N, V) a chunk at a time (the teacher's (B, T, V) logits
+            never exist). Not differentiated. Both distributions are divided by ``temperature`` before the softmax.
+        mask: (B, T) the scored positions (response tokens).
+        num_tokens: reduced as ``sum / num_tokens`` (module docstring); default the local masked mean.
+        chunk_size: rows upcast to float32 at a time (the divergence never holds (B, T, V) in fp32).
+
+    Metrics: ``jsd`` (local token mean), ``top1_agreement`` (share of scored positions where the student's and the
+    teacher's most likely token agree), ``num_tokens`` (local scored-token count).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized JSD needs 0 <= beta <= 1, got {beta}")
+    if student_logits.shape[:2] != teacher.shape[:2] or (teacher_head is None and student_logits.shape != teacher.shape):
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher {tuple(teacher.shape)} differ in "
+                         "shape")
+    mask = mask.bool()
+    need_grad = student_logits.requires_grad and torch.is_grad_enabled()  # no gradient buffer in evaluation
+    total, agree = _ChunkedGJSD.apply(student_logits, teacher.detach(), mask, float(beta), float(temperature),
+                                      int(chunk_size), need_grad, teacher_head)
+    count = mask.sum()
+    local = count.clamp(min=1).to(total.dtype)
+    loss = total / local if num_tokens is None else total / num_tokens
+    metrics = {"jsd": (total.detach() / local), "top1_agreement": agree.detach() / local, "num_tokens": count.detach()}
     return loss, metrics

@@ -1,4 +1,4 @@
-"""What the RL stages (ppo.py, grpo.py) share before their loops: the checks of their model paths,
+"""What the RL stages (ppo.py, grpo.py) and opd.py share before their loops: the checks of their model paths,
 the prompts and their order, the batch arithmetic, rewards, sampling settings, and the actor /
 frozen models. Plain functions; each stage calls them top to bottom.
 """

@@ -12,6 +12,7 @@ from medgpt_ds.logprobs import sequence_logprobs, token_logprobs
 from medgpt_ds.losses import (
     causal_lm_loss,
     dpo_loss,
+    generalized_jsd_loss,
     grpo_loss,
     orpo_loss,
     ppo_policy_loss,
@@ -202,6 +203,47 @@ def test_grpo_loss_beta_zero_needs_no_ref_and_rejects_unknown():
         grpo_loss(GRPO_LP, None, None, GRPO_ADV, GRPO_MASK, beta=0.1)
     with pytest.raises(ValueError, match="unknown grpo loss_type"):
         grpo_loss(GRPO_LP, None, GRPO_REF, GRPO_ADV, GRPO_MASK, loss_type="ppo")
+
+
+# Generalized JSD case: one position, student logits [0, 0] -> s = (1/2, 1/2), teacher [0, ln 3] -> t = (1/4, 3/4).
+GJSD_S = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])
+GJSD_T = torch.tensor([[[0.0, LN(3)], [5.0, -4.0]]])
+GJSD_MASK = torch.tensor([[1, 0]])  # the second position is not scored
+
+
+@pytest.mark.parametrize(
+    ("beta", "temperature", "expected"),
+    [
+        # forward KL(t || s) = 1/4 ln(1/2) + 3/4 ln(3/2) = -0.1732868 + 0.3040988
+        (0.0, 1.0, 0.1308120),
+        # reverse KL(s || t) = 1/2 ln 2 + 1/2 ln(2/3) = 0.3465736 - 0.2027326
+        (1.0, 1.0, 0.1438410),
+        # m = (3/8, 5/8): 1/2 [1/4 ln(2/3) + 3/4 ln(6/5)] + 1/2 [1/2 ln(4/3) + 1/2 ln(4/5)]
+        #   = 1/2 (0.0353749) + 1/2 (0.0322693)
+        (0.5, 1.0, 0.0338221),
+        # temperature 2: t = (1, sqrt 3) / (1 + sqrt 3) = (0.3660254, 0.6339746), s unchanged;
+        # forward KL = 0.3660254 ln(0.7320508) + 0.6339746 ln(1.2679492) = -0.1141653 + 0.1505061
+        (0.0, 2.0, 0.0363408),
+    ],
+)
+def test_generalized_jsd_hand(beta, temperature, expected):
+    loss, m = generalized_jsd_loss(GJSD_S, GJSD_T, GJSD_MASK, beta=beta, temperature=temperature)
+    close(loss, expected)
+    close(m["jsd"], expected)
+    close(m["top1_agreement"], 0.0)  # the student's tie picks token 0, the teacher token 1
+    assert int(m["num_tokens"]) == 1
+    close(generalized_jsd_loss(GJSD_S, GJSD_T, GJSD_MASK, beta=beta, temperature=temperature, num_tokens=4)[0],
+          expected / 4)
+
+
+def test_generalized_jsd_agreement_and_checks():
+    mask = torch.tensor([[1, 1]])
+    _, m = generalized_jsd_loss(GJSD_S, GJSD_T, mask)
+    close(m["top1_agreement"], 0.5)  # position 0: 0 vs 1; position 1: both token 0
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd_loss(GJSD_S, GJSD_T, mask, beta=1.5)
+    with pytest.raises(ValueError, match="shape"):
+        generalized_jsd_loss(GJSD_S, GJSD_T[..., :1], mask)
 
 
 # --- TRL 1.16 oracle --------------------------------------------------------------------------
@@ -472,3 +514,94 @@ def test_grpo_loss_dp_invariant(loss_type):
     full = _assert_split_invariant(lambda s: grpo_loss(lp[s], old[s], ref[s], adv[s], mask[s], **kw)[0], x, 4)
     local = grpo_loss(lp, old, ref, adv, mask, loss_type=loss_type, max_completion_length=7)[0]
     torch.testing.assert_close(full, local)
+
+
+def _gjsd_case(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(3, 5, 11, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    teacher = (torch.randn(3, 5, 11, generator=g, dtype=torch.float64) * 2).to(dtype)
+    teacher[0, 1] = student[0, 1].detach() + 0.5  # one position where the two agree on the top token
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 1, 1]])
+    return student, teacher, mask
+
+
+@pytest.mark.parametrize(("beta", "temperature"), [(0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (0.3, 0.7), (0.9, 2.0)])
+def test_generalized_jsd_matches_trl_gkd(beta, temperature):
+    pytest.importorskip("trl")
+    from trl.experimental.gkd import GKDTrainer
+
+    student, teacher, mask = _gjsd_case()
+    labels = torch.where(mask.bool(), 1, -100)
+    ours, m = generalized_jsd_loss(student, teacher, mask, beta=beta, temperature=temperature, chunk_size=2)
+    (g_ours,) = torch.autograd.grad(ours, student)
+    # a static method: called with the same logits and the labels' mask, no trainer built
+    theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature)
+    (g_theirs,) = torch.autograd.grad(theirs, student)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(g_ours, g_theirs)
+    assert int(m["num_tokens"]) == 7 and 0.0 < float(m["top1_agreement"]) < 1.0
+    # TRL's gradient-accumulation normaliser (num_items_in_batch) is our num_tokens
+    theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature,
+                                             num_items_in_batch=torch.tensor(20.0))
+    torch.testing.assert_close(generalized_jsd_loss(student, teacher, mask, beta=beta, temperature=temperature,
+                                                    num_tokens=20.0)[0], theirs)
+
+
+def test_generalized_jsd_dp_invariant():
+    student, teacher, mask = _gjsd_case(1)
+    n = int(mask.sum())
+    full = _assert_split_invariant(
+        lambda s: generalized_jsd_loss(student[s], teacher[s], mask[s], beta=0.3, num_tokens=n)[0], student, 3)
+    torch.testing.assert_close(full, generalized_jsd_loss(student, teacher, mask, beta=0.3)[0])
+
+
+def test_generalized_jsd_chunks_bound_the_fp32_rows(monkeypatch):
+    # bf16 logits as a model returns them: the fp32 softmax only ever sees chunk_size rows, and the chunked
+    # result (value and gradient) equals one chunk over everything
+    student, teacher, mask = _gjsd_case(2, torch.bfloat16)
+    seen = []
+    log_softmax = torch.nn.functional.log_softmax
+
+    def spy(x, *args, **kwargs):
+        seen.append((tuple(x.shape), x.dtype))
+        return log_softmax(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "log_softmax", spy)
+    small, _ = generalized_jsd_loss(student, teacher, mask, beta=0.5, chunk_size=2)
+    (g_small,) = torch.autograd.grad(small, student)
+    assert seen and all(shape[0] <= 2 and dtype == torch.float32 for shape, dtype in seen), seen
+    big, _ = generalized_jsd_loss(student, teacher, mask, beta=0.5, chunk_size=1000)
+    (g_big,) = torch.autograd.grad(big, student)
+    torch.testing.assert_close(small, big)
+    assert g_small.dtype == torch.bfloat16
+    torch.testing.assert_close(g_small, g_big)
+    assert g_small[~mask.bool()].abs().sum() == 0 and g_small[mask.bool()].abs().sum() > 0
+    seen.clear()
+    with torch.no_grad():  # evaluation: no gradient taken (log_softmax runs outside autograd.grad only)
+        loss, _ = generalized_jsd_loss(student, teacher, mask, chunk_size=2)
+    torch.testing.assert_close(loss, big)
+
+
+def test_generalized_jsd_teacher_head_makes_the_logits_a_chunk_at_a_time():
+    # the teacher as final hidden states + its output head (2 padding rows past the shared 11, cut by the caller):
+    # the same value, gradient and metrics as its full logits, the head only ever sees chunk_size rows
+    student, _, mask = _gjsd_case(3)
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)  # (B, T, H)
+    weight = torch.randn(13, 6, generator=g, dtype=torch.float64) * 2  # (V + 2, H)
+    rows = []
+
+    def head(h):
+        rows.append(h.size(0))
+        return (h @ weight.T)[..., :11]
+
+    ours, m = generalized_jsd_loss(student, hidden, mask, beta=0.3, chunk_size=2, teacher_head=head)
+    (g_ours,) = torch.autograd.grad(ours, student)
+    full, m_full = generalized_jsd_loss(student, (hidden @ weight.T)[..., :11], mask, beta=0.3)
+    (g_full,) = torch.autograd.grad(full, student)
+    assert max(rows) == 2 and sum(rows) == int(mask.sum())
+    torch.testing.assert_close(ours, full)
+    torch.testing.assert_close(g_ours, g_full)
+    torch.testing.assert_close(m["top1_agreement"], m_full["top1_agreement"])
+    with pytest.raises(ValueError, match="differ in shape"):  # a head wider than the student's vocabulary
+        generalized_jsd_loss(student, hidden, mask, teacher_head=lambda h: h @ weight.T)

@@ -26,7 +26,7 @@ HOSTFILES = sorted(p for p in (REPO / "hostfiles").iterdir() if p.is_file() and 
 
 
 def test_found_the_artifacts():
-    assert len(SBATCH_FILES) >= 8, SBATCH_FILES
+    assert len(SBATCH_FILES) >= 9, SBATCH_FILES
     assert {p.name for p in HOSTFILES} >= {"a100x16", "h100x16", "h100x32", "localhost"}
 
 
@@ -51,7 +51,7 @@ def test_sbatch_template_shape(path):
     # every #SBATCH line comes before the first command (sbatch stops reading at it)
     first_cmd = next(i for i, ln in enumerate(lines) if ln.strip() and not ln.startswith("#"))
     assert all(i < first_cmd for i, ln in enumerate(lines) if ln.startswith("#SBATCH"))
-    assert re.search(r"^STAGE=(pt|sft|rm|dpo|orpo|ppo|grpo)$", text, re.M)
+    assert re.search(r"^STAGE=(pt|sft|rm|dpo|orpo|ppo|grpo|opd)$", text, re.M)
     assert 'source "${REPO_DIR:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"' in text
     assert "run_training --stage" in text and "--resume_from_checkpoint auto" in text
     # model, data and scale settings are env overrides

@@ -243,7 +243,7 @@ def test_bad_flags(sft, tmp_path, capsys):
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "a_file")
     assert call(main, argv, capsys) == f"error: --output_dir {tmp_path / 'a_file'} is a file, not a folder"
     assert call(main, ["--stage", "xyz"], capsys) == ("error: --stage must be one of pt, sft, rm, ppo, dpo, orpo, "
-                                                      "grpo, got 'xyz'")
+                                                      "grpo, opd, got 'xyz'")
 
 
 @pytest.mark.unit

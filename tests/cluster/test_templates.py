@@ -2,7 +2,7 @@
 the launch line is right, and the trainer's own parser accepts the flags each template passes.
 
 The real thing (real SLURM, real trainer) is in test_training.py; this catches a renamed flag or
-a typo in any of the eight templates in about a second each.
+a typo in any of the templates in about a second each.
 """
 import importlib
 import json
@@ -121,6 +121,11 @@ def test_template_launch_line_and_trainer_flags(template, stubs, monkeypatch):
     if template.name == "sft_70b.sbatch":  # 4 x 8 GPUs, ZeRO-3 + LoRA
         assert cfg.lora.use_peft and cfg.train.deepspeed == "ds_configs/zero3.json"
         assert "#SBATCH --nodes=4" in template.read_text()
+    if template.name == "opd_multinode.sbatch":  # student and teacher, the teacher partitioned under ZeRO-3
+        a = cfg.stage_args
+        assert cfg.model.model_name_or_path != a.teacher_model_name_or_path and a.teacher_model_name_or_path
+        assert cfg.train.deepspeed == "ds_configs/zero3.json" and not a.teacher_load_in_4bit
+        assert (a.opd_lambda, a.opd_beta, a.temperature, a.max_prompt_length) == (0.5, 0.5, 0.9, 1024)
 
 
 def test_env_overrides_scale_down(stubs):
