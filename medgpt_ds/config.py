@@ -246,9 +246,6 @@ class RolloutArguments:
                                             "cache), per_token (no gather, synced_gpus: slow baseline), ds_hybrid "
                                             "(DeepSpeed Hybrid Engine, CUDA + OPT/BLOOM/GPT-NeoX/old Llama), vllm "
                                             "(a vLLM engine, weights synced after every optimizer step: --vllm_*)."})
-    use_vllm: Optional[bool] = field(
-        default=None, metadata={"help": "MedicalGPT/TRL spelling: True selects --rollout_backend vllm, False keeps "
-                                        "the transformers backends."})
     vllm_mode: str = field(
         default="server", metadata={"help": "server: a vLLM server per node, started by the trainer from the rollout "
                                             "interpreter (or --vllm_server_url), weights pushed through files; the only "
@@ -305,13 +302,6 @@ class RolloutArguments:
         default=False, metadata={"help": "ZeRO-3: keep the frozen models' (reference, reward) parameters on the CPU."})
 
     def __post_init__(self):
-        if self.use_vllm and self.rollout_backend not in ("hybrid", "vllm"):
-            raise ValueError(f"--use_vllm True selects --rollout_backend vllm; drop --rollout_backend "
-                             f"{self.rollout_backend}")
-        if self.use_vllm:
-            self.rollout_backend = "vllm"
-        if self.use_vllm is False and self.rollout_backend == "vllm":
-            raise ValueError("--use_vllm False contradicts --rollout_backend vllm")
         if self.vllm_mode not in ("server", "colocate"):
             raise ValueError(f"--vllm_mode must be server or colocate, got {self.vllm_mode!r}")
         if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
