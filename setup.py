@@ -32,6 +32,11 @@ setup(
         "gpu": ["flash-attn", "bitsandbytes"],
         "qlora": ["bitsandbytes"],
         "serve": ["fastapi", "uvicorn", "gradio", "openai", "httpx", "matplotlib"],
+        # --report_to trackers (medgpt_ds/report/); tensorboard is always installed
+        "wandb": ["wandb"],
+        "swanlab": ["swanlab"],
+        "mlflow": ["mlflow-skinny"],
+        "trackers": ["wandb", "swanlab", "mlflow-skinny"],
         "test": ["pytest", "ruff"],
     },
 )

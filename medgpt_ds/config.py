@@ -18,10 +18,19 @@ from typing import Any, Optional
 import yaml
 from transformers import HfArgumentParser, SchedulerType
 
+from medgpt_ds.compat import (
+    ALIAS_HINTS,
+    FLAG_ALIASES,
+    MEDICALGPT_STAGES_ELSEWHERE,
+    default_notices,
+    given_flags,
+    rewrite_argv,
+)
 from medgpt_ds.data.templates import TEMPLATES
 from medgpt_ds.errors import UserError
 from medgpt_ds.generation import BACKENDS
 from medgpt_ds.model import check_model_path
+from medgpt_ds.report import parse_report_to, resolve_report_to
 from medgpt_ds.rewards import RULE_REWARDS
 
 # The stages: each is medgpt_ds/stages/<name>.py with run(cfg) (and its own flags as `Arguments`),
@@ -29,6 +38,7 @@ from medgpt_ds.rewards import RULE_REWARDS
 STAGE_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "ppo": "prompt", "dpo": "preference",
               "orpo": "preference", "grpo": "prompt"}
 STAGES = tuple(STAGE_DATA)
+SEQUENCE_PARALLEL_STAGES = ("pt", "sft", "dpo", "orpo")
 
 # MedicalGPT / HF Trainer flags with no meaning under this trainer: accepted, warned about.
 IGNORED_FLAGS = {
@@ -41,8 +51,8 @@ IGNORED_FLAGS = {
     "hub_token": "no hub access at training time",
     "push_to_hub": "no hub access at training time",
     "save_safetensors": "exports are always safetensors",
-    "eval_strategy": "evaluation runs every --eval_steps when a validation set exists",
-    "evaluation_strategy": "evaluation runs every --eval_steps when a validation set exists",
+    "eval_strategy": "pt/sft/rm/dpo/orpo evaluate every --eval_steps and at the end with --do_eval",
+    "evaluation_strategy": "pt/sft/rm/dpo/orpo evaluate every --eval_steps and at the end with --do_eval",
     "save_strategy": "checkpoints are written every --save_steps and at the end",
     "logging_strategy": "logging runs every --logging_steps",
     "logging_first_step": "the first step is always logged",
@@ -60,11 +70,14 @@ class ModelArguments:
         metadata={"help": "Train from scratch with random weights: a config.json path or a preset (tiny, tiny-tied)."},
     )
     tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Tokenizer dir (default: the model's)."})
-    torch_dtype: str = field(default="auto", metadata={"help": "Weights dtype when loading: auto, bfloat16, float16, float32."})
+    torch_dtype: str = field(default="auto", metadata={"help": "Weights dtype when loading: auto, bfloat16, float16, float32. "
+                                                               "Alias --dtype (TRL)."})
     attn_implementation: str = field(
         default="auto", metadata={"help": "auto (flash_attention_2 on CUDA with flash-attn, else sdpa), sdpa, eager, flash_attention_2."}
     )
-    flash_attn: bool = field(default=False, metadata={"help": "Require flash_attention_2 (error when unavailable)."})
+    flash_attn: bool = field(
+        default=False, metadata={"help": "MedicalGPT's flag: use flash_attention_2 where it can run (CUDA + flash-attn), "
+                                         "else one warning and sdpa, as MedicalGPT does."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the model dir."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Where hub downloads and the datasets cache live."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base weights in 4-bit (bitsandbytes nf4)."})
@@ -85,10 +98,15 @@ class DataArguments:
     train_file_dir: Optional[str] = field(default=None, metadata={"help": "Dir (or file) of training data."})
     validation_file_dir: Optional[str] = field(default=None, metadata={"help": "Dir (or file) of validation data."})
     validation_split_percentage: int = field(
-        default=0, metadata={"help": "Percent of train held out for eval when no validation_file_dir is given."}
+        default=0, metadata={"help": "Percent of train held out for eval when no validation_file_dir is given (default 0; "
+                                     "1, MedicalGPT's default, when --do_eval or --eval_steps asks for evaluation)."}
     )
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only the first N training records."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only the first N eval records."})
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only the first N training samples: records (conversations, pairs, prompts); "
+                                        "for pt blocks of --block_size tokens (training rows), as MedicalGPT counts them. "
+                                        "-1 or 0: all. Alias --train_samples (MedicalGPT grpo)."})
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only the first N eval samples (pt: blocks, as --max_train_samples). -1: all."})
     template_name: Optional[str] = field(
         default=None, metadata={"help": "Chat template name (chatml, qwen, llama3, vicuna, ...); default: the tokenizer's own."}
     )
@@ -120,6 +138,10 @@ class DataArguments:
 
     def __post_init__(self):
         from medgpt_ds.data.templates import TOOL_FORMAT_ALIASES, TOOL_FORMATS
+
+        for name in ("max_train_samples", "max_eval_samples"):  # MedicalGPT: -1 (any value <= 0) = all
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                setattr(self, name, None)
 
         if self.tool_format is not None and self.tool_format not in ("auto", *TOOL_FORMATS, *TOOL_FORMAT_ALIASES):
             raise ValueError(f"--tool_format must be auto or one of {', '.join(TOOL_FORMATS)}, got {self.tool_format!r}")
@@ -172,10 +194,32 @@ class TrainingArguments:
         metadata={"help": "Resume without the allow-list check of the checkpoint's pickles (only for checkpoints you trust: "
                           "a hostile pickle runs code when loaded)."},
     )
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none (jsonl and stdout always)."})
-    logging_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard dir (default output_dir/logs)."})
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "Trackers, comma- or space-separated: tensorboard, wandb, swanlab, mlflow "
+                                                 "(offline, under the logging dir), none, all (every installed one); "
+                                                 "jsonl and stdout always."})
+    logging_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where metrics.jsonl and the --report_to trackers write (default output_dir/logs)."})
     ddp_timeout: int = field(default=1800, metadata={"help": "Seconds before a collective times out."})
     export_hf: bool = field(default=True, metadata={"help": "Write an HF model (or adapter) into output_dir at the end."})
+    # --- long context and memory (DeepSpeed ALST pieces; docs/long_context.md) ---
+    chunked_loss: bool = field(
+        default=True, metadata={"help": "LM head + loss (pt/sft cross entropy, dpo/orpo log-probs) in chunks of tokens, so "
+                                        "the (tokens x vocab) fp32 logits never exist; exact, on wherever the model's logits "
+                                        "are reproduced. False: the model's full logits. (ppo/grpo: full logits.)"})
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the chunked loss."})
+    use_liger_kernel: bool = field(
+        default=False, metadata={"help": "GPU: Liger's Triton RMSNorm/SwiGLU/RoPE kernels (needs pip install liger-kernel)."})
+    tiled_mlp: bool = field(
+        default=False, metadata={"help": "DeepSpeed TiledMLP: each decoder MLP runs in sequence shards of ~hidden_size "
+                                         "tokens, recomputed in backward (for the longest sequences)."})
+    offload_activations: bool = field(
+        default=False, metadata={"help": "GPU: keep activations saved for backward in CPU RAM (with "
+                                         "--gradient_checkpointing: each layer's checkpointed input)."})
+    sequence_parallel_size: int = field(
+        default=1, metadata={"help": "Ulysses sequence parallelism (pt, sft, dpo, orpo): each sample's tokens are split "
+                                     "over N ranks, attention sees the whole sequence via all-to-all. The data-parallel "
+                                     "size becomes world/N, so the global batch is micro x accumulation x world/N."})
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -195,19 +239,27 @@ class TrainingArguments:
                              f"of {', '.join(schedulers)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("--warmup_ratio must be in [0, 1)")
-        if self.report_to not in ("tensorboard", "none", "all", "jsonl"):
-            raise ValueError("--report_to must be tensorboard or none")
+        parse_report_to(self.report_to)
+        if self.loss_chunk_size <= 0:
+            raise ValueError(f"--loss_chunk_size must be positive, got {self.loss_chunk_size}")
+        if self.sequence_parallel_size < 1:
+            raise ValueError(f"--sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}")
+        if self.sequence_parallel_size > 1 and self.stage not in SEQUENCE_PARALLEL_STAGES:
+            raise ValueError(f"--sequence_parallel_size is supported for {', '.join(SEQUENCE_PARALLEL_STAGES)}, "
+                             f"not --stage {self.stage}")
 
 
 @dataclass
 class LoraArguments:
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     target_modules: str = field(default="all", metadata={
-        "help": "Comma-separated module names, or all (every linear layer and MoE expert weight; not heads or routers)."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+        "help": "Module names, comma- or space-separated, or all (every linear layer and MoE expert weight; not heads or "
+                "routers). Alias --lora_target_modules (TRL)."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r. Alias --lora_r (TRL)."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    modules_to_save: Optional[str] = field(default=None, metadata={"help": "Comma-separated modules trained in full and saved with the adapter."})
+    modules_to_save: Optional[str] = field(
+        default=None, metadata={"help": "Modules (comma- or space-separated) trained in full and saved with the adapter."})
     peft_path: Optional[str] = field(default=None, metadata={"help": "Continue training an existing adapter."})
     qlora: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base (implies --load_in_4bit unless 8-bit given) + LoRA."})
 
@@ -284,7 +336,8 @@ class RolloutArguments:
                                         "baseline over the samples of a prompt), reinforce_pp (REINFORCE++: per-token "
                                         "KL in the reward, advantages normalised over the global batch). Default: gae "
                                         "for ppo, grpo for grpo; rloo / reinforce_pp train no critic."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Response length limit (tokens) per rollout."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Response length limit (tokens) per rollout. Alias "
+                                                                "--max_completion_length (TRL, MedicalGPT's ppo/grpo)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy); also scales the "
                                                               "logits when scoring log-probs, as in sampling."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
@@ -366,6 +419,7 @@ class RunConfig:
     train: TrainingArguments
     lora: LoraArguments
     stage_args: Any = None
+    notices: list = field(default_factory=list)  # one-line notices shown at start (rank 0)
 
     def to_dict(self) -> dict:
         out = {
@@ -420,7 +474,8 @@ def _strip_ignored(argv: list[str], known_flags: set[str]) -> list[str]:
         a = argv[i]
         name = a[2:].split("=", 1)[0] if a.startswith("--") else None
         if name in IGNORED_FLAGS and name not in known_flags:
-            print(f"warning: --{name} is accepted but ignored: {IGNORED_FLAGS[name]}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # once, not once per rank
+                print(f"warning: --{name} is accepted but ignored: {IGNORED_FLAGS[name]}", file=sys.stderr)
             i += 1
             if "=" not in a and i < len(argv) and not argv[i].startswith("--"):
                 i += 1
@@ -453,12 +508,17 @@ def parse_args(argv: list[str] | None = None, stage_dataclasses: dict | None = N
         argv = _yaml_to_argv(recipe) + argv
 
     stage = _split_stage(argv)
+    if stage not in STAGES:  # before any flag is looked at: the stage decides which flags exist
+        why = f" ({MEDICALGPT_STAGES_ELSEWHERE[stage]})" if stage in MEDICALGPT_STAGES_ELSEWHERE else ""
+        raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}{why}")
     extra = (stage_dataclasses or {}).get(stage)
     types = [ModelArguments, DataArguments, TrainingArguments, LoraArguments] + ([extra] if extra else [])
     parser = HfArgumentParser(types)
     parser.allow_abbrev = False  # a typo must not silently select another flag by prefix
     known = {a.dest for a in parser._actions}
+    argv, notices = rewrite_argv(argv, stage, known)  # MedicalGPT / TRL names and list forms (compat.py)
     argv = _strip_ignored(argv, known)
+    given = given_flags(argv)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:  # raised by a dataclass __post_init__ check
@@ -466,19 +526,61 @@ def parse_args(argv: list[str] | None = None, stage_dataclasses: dict | None = N
     *objs, remaining = parsed
     if remaining:
         msgs = []
-        for r in remaining:
+        for i, r in enumerate(remaining):
             if r.startswith("--"):
                 name = r[2:].split("=", 1)[0]
-                close = difflib.get_close_matches(name, sorted(known), n=1)
+                if name in ALIAS_HINTS:
+                    msgs.append(f"unknown flag --{name} for --stage {stage} ({ALIAS_HINTS[name]})")
+                    continue
+                close = difflib.get_close_matches(name, sorted(known | set(FLAG_ALIASES)), n=1)
                 hint = f" (did you mean --{close[0]}?)" if close else ""
                 msgs.append(f"unknown flag --{name}{hint}")
-            else:
-                msgs.append(f"unexpected argument {r!r}")
+            elif not (i and remaining[i - 1].startswith("--") and "=" not in remaining[i - 1]):
+                msgs.append(f"unexpected argument {r!r}")  # (a value right after an unknown flag is that flag's)
         raise UserError("; ".join(msgs) + f" [stage {stage}]")
     model, data, train, lora = objs[:4]
     cfg = RunConfig(model=model, data=data, train=train, lora=lora, stage_args=objs[4] if extra else None)
     _cross_checks(cfg)
+    cfg.notices = notices + _eval_notices(cfg, given) + default_notices(cfg, given) + _algorithm_notices(cfg, known)
+    if os.environ.get("RANK", "0") == "0":  # before the process group exists: the launcher's rank
+        for line in cfg.notices:
+            print(f"notice: {line}", file=sys.stderr, flush=True)
     return cfg
+
+
+def _eval_notices(cfg: RunConfig, given: set[str]) -> list[str]:
+    """Resolve what --do_eval / --eval_steps ask for, so neither silently does nothing: offline stages
+    without validation data hold out MedicalGPT's default 1% of train; ppo/grpo say they do not evaluate."""
+    t, d = cfg.train, cfg.data
+    asked = t.do_eval or bool(t.eval_steps)
+    if not asked:
+        return []
+    flags = " / ".join(f for f, on in (("--do_eval", t.do_eval), (f"--eval_steps {t.eval_steps}", t.eval_steps)) if on)
+    if t.stage in ("ppo", "grpo"):
+        return [f"{flags}: {t.stage} runs no evaluation pass (rewards, KL and lengths of every rollout are logged "
+                "each step); the validation data is not used"]
+    if d.validation_file_dir or d.validation_split_percentage > 0:
+        return []
+    if "validation_split_percentage" in given:  # an explicit 0
+        raise UserError(f"{flags} asks for evaluation, but there is no validation data: give --validation_file_dir, "
+                        "or a --validation_split_percentage above 0")
+    d.validation_split_percentage = 1
+    return [f"{flags} without --validation_file_dir: 1% of the training records is held out for evaluation "
+            "(MedicalGPT's --validation_split_percentage default)"]
+
+
+def _algorithm_notices(cfg: RunConfig, known: set[str]) -> list[str]:
+    """Which RL algorithm --stage ppo trains, since MedicalGPT's run_ppo.sh trains another."""
+    if cfg.train.stage != "ppo":
+        return []
+    estimator = getattr(cfg.stage_args, "advantage_estimator", None)
+    if estimator not in (None, "gae"):
+        return []
+    other = ("--advantage_estimator rloo (critic-free, several samples per prompt)" if "advantage_estimator" in known
+             else "--stage grpo (critic-free, group-relative advantages)")
+    return ["--stage ppo trains PPO with a critic (value model from --critic_model_path or the reward model, GAE "
+            "advantages); MedicalGPT's run_ppo.sh trains TRL's RLOO, which has no critic: for a critic-free run use "
+            + other]
 
 
 def _cross_checks(cfg: RunConfig) -> None:
@@ -501,10 +603,15 @@ def _cross_checks(cfg: RunConfig) -> None:
             check_model_path(getattr(m, flag), f"--{flag}", cache_dir=m.cache_dir)  # the folder's contents: cli.main
     if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):
         raise UserError(f"--output_dir {t.output_dir} is a file, not a folder")
+    unwired = [f for f in ("tiled_mlp", "offload_activations", "use_liger_kernel") if getattr(t, f)]
+    if unwired and t.stage in ("ppo", "grpo"):
+        raise UserError(f"--{unwired[0]} is not available for --stage {t.stage} (its rollouts generate with the "
+                        "model); use it for pt, sft, rm, dpo, orpo")
     if t.deepspeed and not os.path.isfile(t.deepspeed):
         raise UserError(f"--deepspeed {t.deepspeed}: no such file")
     if cfg.data.train_file_dir and not os.path.exists(cfg.data.train_file_dir):
         raise UserError(f"--train_file_dir {cfg.data.train_file_dir}: no such file or directory")
     if cfg.data.validation_file_dir and not os.path.exists(cfg.data.validation_file_dir):
         raise UserError(f"--validation_file_dir {cfg.data.validation_file_dir}: no such file or directory")
+    resolve_report_to(t.report_to)  # a tracker whose package is missing fails now, not after loading the model
 

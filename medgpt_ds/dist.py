@@ -106,6 +106,72 @@ def is_main() -> bool:
     return rank() == 0
 
 
+# --- sequence parallelism (Ulysses) -------------------------------------------------------------
+# Ranks [g*N, (g+1)*N) form sequence-parallel group g: they share one sample's tokens, and group g is
+# data-parallel rank g. DeepSpeed's parallel_state_sp builds the groups; its module is the `mpu`
+# deepspeed.initialize takes (ZeRO then partitions and reduces over all ranks and averages over the
+# data-parallel size).
+
+_sp_size = 1
+
+
+def init_sequence_parallel(size: int) -> None:
+    """Build the sequence-parallel groups (after init); size 1 is a no-op. The world size must be a
+    multiple of ``size`` (checked, as a user error naming both numbers)."""
+    global _sp_size
+    if size <= 1 or _sp_size == size:
+        return
+    if world_size() % size:
+        from medgpt_ds.errors import UserError
+
+        raise UserError(f"--sequence_parallel_size {size} does not divide the world size {world_size()}: "
+                        f"launch a multiple of {size} ranks")
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    parallel_state_sp.initialize_sequence_parallel(sequence_parallel_size=size)
+    _sp_size = size
+
+
+def sp_size() -> int:
+    return _sp_size
+
+
+def sp_rank() -> int:
+    return rank() % _sp_size
+
+
+def dp_world_size() -> int:
+    """Data-parallel size: ranks that see different samples (world / sequence-parallel size)."""
+    return world_size() // _sp_size
+
+
+def dp_rank() -> int:
+    return rank() // _sp_size
+
+
+def sp_mpu():
+    """DeepSpeed's sequence-parallel state module (the `mpu` for deepspeed.initialize), or None."""
+    if _sp_size == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    return parallel_state_sp
+
+
+def sp_group():
+    return sp_mpu().get_sequence_parallel_group()
+
+
+def sp_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over this rank's sequence-parallel group, differentiably (the gradient of every
+    rank's copy flows back to every rank's contribution); ``t`` itself without sequence parallelism."""
+    if _sp_size == 1:
+        return t
+    import torch.distributed.nn.functional as dist_fn
+
+    return dist_fn.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=sp_group())
+
+
 def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 

@@ -65,7 +65,8 @@ def resolve_ds_config(ds_config: dict, train_args, *, world_size: int, hidden_si
                       num_training_steps: Optional[int] = None, source: str = "config") -> dict:
     """Return a copy of ``ds_config`` with every "auto" resolved from ``train_args``.
 
-    Checks the batch arithmetic and raises DSConfigError on anything unresolvable.
+    Checks the batch arithmetic and raises DSConfigError on anything unresolvable. ``world_size`` is
+    the data-parallel size (world / sequence-parallel size).
     """
     cfg = copy.deepcopy(ds_config)
     t = train_args
@@ -74,16 +75,17 @@ def resolve_ds_config(ds_config: dict, train_args, *, world_size: int, hidden_si
     _resolve(cfg, "gradient_accumulation_steps", ga, "")
     micro, ga = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     global_batch = micro * ga * world_size
+    ranks = "data-parallel" if cfg.get("sequence_parallel_size", 1) > 1 else "world"
     tbs = cfg.get("train_batch_size", "auto")
     if tbs == "auto":
         cfg["train_batch_size"] = global_batch
     elif int(tbs) != global_batch:
         if int(tbs) % (micro * world_size) == 0:
             raise DSConfigError(
-                f"{source}: train_batch_size={tbs} but micro {micro} x grad_accum {ga} x world {world_size} = "
+                f"{source}: train_batch_size={tbs} but micro {micro} x grad_accum {ga} x {ranks} {world_size} = "
                 f"{global_batch}; use --gradient_accumulation_steps {int(tbs) // (micro * world_size)} or \"auto\"")
         raise DSConfigError(
-            f"{source}: train_batch_size={tbs} is not divisible by micro batch {micro} x world size {world_size}")
+            f"{source}: train_batch_size={tbs} is not divisible by micro batch {micro} x {ranks} size {world_size}")
     if cfg.get("gradient_clipping", "auto") == "auto":
         cfg["gradient_clipping"] = float(t.max_grad_norm)
 
@@ -135,6 +137,10 @@ def resolve_ds_config(ds_config: dict, train_args, *, world_size: int, hidden_si
     if zero_stage(cfg) == 3:
         # needed to export a consolidated HF model from partitioned weights
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+        if cfg.get("sequence_parallel_size", 1) > 1 and zero.get("reduce_scatter", True) is False:
+            # ZeRO-3 then averages some buckets over the data-parallel size and others over the world
+            raise DSConfigError(f"{source}: zero_optimization.reduce_scatter=false with --sequence_parallel_size "
+                                "averages ZeRO-3 gradients inconsistently in DeepSpeed; remove the key")
     cfg.setdefault("steps_per_print", 1_000_000_000)
 
     left = _find_auto(cfg)
@@ -150,6 +156,17 @@ def _find_auto(obj: Any, prefix: str = "") -> list[str]:
             out += _find_auto(v, f"{prefix}{k}.")
         return out
     return [prefix.rstrip(".")] if obj == "auto" else []
+
+
+def gradient_average_size(ds_config: dict) -> int:
+    """How many ranks DeepSpeed divides the summed gradients by (the loop multiplies the loss by it).
+
+    The data-parallel size (world / sequence-parallel size) for ZeRO-0/1/2; ZeRO-3's reduce-scatter
+    averages over its partition group, the whole world, even under sequence parallelism (deepspeed
+    0.19.8 stage3.__avg_scatter_grads; tests/test_sequence_parallel.py compares gradient norms)."""
+    if zero_stage(ds_config) == 3 and ds_config.get("sequence_parallel_size", 1) > 1:
+        return dist.world_size()
+    return dist.dp_world_size()
 
 
 def warmup_steps(train_args, num_training_steps: int) -> int:
@@ -186,7 +203,7 @@ def init_train_engine(model: torch.nn.Module, ds_config: dict, train_args, num_t
         raise DSConfigError("the DeepSpeed config needs an optimizer block (e.g. AdamW with \"auto\" params)")
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, train_args.weight_decay), config=ds_config,
-        lr_scheduler=scheduler)
+        lr_scheduler=scheduler, mpu=dist.sp_mpu())
     return engine, optimizer, lr_scheduler
 
 
@@ -194,7 +211,8 @@ def frozen_ds_config(train_ds_config: dict, offload_params: bool = False) -> dic
     """Optimizer-free config for a frozen model (reference / reward): ZeRO-3 partitioned when
     training is ZeRO-3 (optionally params offloaded to CPU), else plain (stage 0) replicas."""
     cfg = {k: copy.deepcopy(train_ds_config[k]) for k in
-           ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "bf16", "fp16")
+           ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "bf16", "fp16",
+            "sequence_parallel_size")
            if k in train_ds_config}
     if zero_stage(train_ds_config) == 3:
         z = train_ds_config["zero_optimization"]
@@ -215,17 +233,23 @@ def init_frozen_engine(model: torch.nn.Module, ds_config: dict):
     import deepspeed
 
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=dist.sp_mpu())
     engine.eval()
     return engine
 
 
 def build_ds_config(cfg, *, hidden_size: Optional[int], num_training_steps: int) -> dict:
-    """Load --deepspeed (or the ZeRO-0 default), resolve it, write it to output_dir (rank 0)."""
+    """Load --deepspeed (or the ZeRO-0 default), resolve it, write it to output_dir (rank 0).
+
+    With sequence parallelism (dist.init_sequence_parallel first) the batch arithmetic uses the
+    data-parallel size world / N, and ``sequence_parallel_size`` tells DeepSpeed (zero.Init and every
+    engine) the same."""
     raw = load_ds_config(cfg.train.deepspeed)
     if cfg.train.load_universal:  # must be known at initialize time, not only at load
         raw.setdefault("checkpoint", {})["load_universal"] = True
-    resolved = resolve_ds_config(raw, cfg.train, world_size=dist.world_size(), hidden_size=hidden_size,
+    if dist.sp_size() > 1:
+        raw["sequence_parallel_size"] = dist.sp_size()
+    resolved = resolve_ds_config(raw, cfg.train, world_size=dist.dp_world_size(), hidden_size=hidden_size,
                                  num_training_steps=num_training_steps, source=cfg.train.deepspeed or "default config")
     if dist.is_main():
         with open(f"{cfg.train.output_dir}/ds_config.json", "w") as f:

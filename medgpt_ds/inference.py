@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -93,18 +94,29 @@ def load_chat_tokenizer(path: str, template_name: str | None = None, trust_remot
 
 
 def load_causal_lm(model_name_or_path: str, adapter: str | None = None, tokenizer=None, dtype: str = "auto",
-                   device: str = "auto", trust_remote_code: bool = False):
+                   device: str = "auto", trust_remote_code: bool = False, quantize: str | None = None,
+                   resize_emb: bool = False):
     """AutoModelForCausalLM in eval mode on `device`; a LoRA adapter is loaded with peft and merged
-    (merged weights generate faster and behave exactly like the adapter)."""
+    (merged weights generate faster and behave exactly like the adapter). ``quantize`` "4bit" / "8bit"
+    loads the weights with bitsandbytes; ``resize_emb`` sizes the embeddings to the tokenizer
+    (MedicalGPT's --resize_emb; with an adapter a larger tokenizer always resizes)."""
     dev = pick_device(device)
+    kwargs: dict[str, Any] = {}
+    if quantize:
+        from transformers import BitsAndBytesConfig  # bitsandbytes is optional
+
+        kwargs = {"device_map": {"": dev}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=quantize == "4bit", load_in_8bit=quantize == "8bit",
+            bnb_4bit_compute_dtype=pick_dtype(dtype, dev))}
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=pick_dtype(dtype, dev),
-                                                 trust_remote_code=trust_remote_code)
+                                                 trust_remote_code=trust_remote_code, **kwargs)
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    # Training may have added tokens (extended tokenizer, embeddings saved with the adapter).
+    if tokenizer is not None and ((resize_emb and len(tokenizer) != n_emb) or (adapter and len(tokenizer) > n_emb)):
+        model.resize_token_embeddings(len(tokenizer))
     if adapter is not None:
-        # Training may have added tokens (extended tokenizer, embeddings saved with the adapter).
-        if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
         model = load_adapter(model, adapter).merge_and_unload()  # peft's MoE renaming off for our adapters
-    return model.to(dev).eval()
+    return (model if quantize else model.to(dev)).eval()
 
 
 # ---------------------------------------------------------------- generation
@@ -133,12 +145,13 @@ class Completion:
 class ChatModel:
     """A causal LM + tokenizer + chat template, ready to answer chats."""
 
-    def __init__(self, model, tokenizer, name: str = "model"):
+    def __init__(self, model, tokenizer, name: str = "model", context_len: int | None = None):
         if not tokenizer.chat_template:
             raise ValueError(
                 f"tokenizer of {name} has no chat_template; models exported by medgpt-ds carry the training "
                 "template, otherwise pass --template_name (the one used in training)")
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.context_len = context_len  # a cap below the model's own limit (MedicalGPT's --context_len)
         self.device = next(model.parameters()).device
         self.eos_ids, self.template_stops = turn_terminators(
             tokenizer, eos_token_id=getattr(model.generation_config, "eos_token_id", None))
@@ -147,18 +160,20 @@ class ChatModel:
     @classmethod
     def load(cls, model_name_or_path: str | None, adapter: str | None = None, tokenizer_name_or_path: str | None = None,
              template_name: str | None = None, dtype: str = "auto", device: str = "auto",
-             trust_remote_code: bool = False) -> ChatModel:
+             trust_remote_code: bool = False, quantize: str | None = None, resize_emb: bool = False,
+             context_len: int | None = None) -> ChatModel:
         base, adapter, tok_path = resolve_paths(model_name_or_path, adapter, tokenizer_name_or_path)
         tok = load_chat_tokenizer(tok_path, template_name, trust_remote_code)
-        model = load_causal_lm(base, adapter, tok, dtype, device, trust_remote_code)
+        model = load_causal_lm(base, adapter, tok, dtype, device, trust_remote_code, quantize, resize_emb)
         name = os.path.basename(os.path.normpath(adapter or base))
-        return cls(model, tok, name)
+        return cls(model, tok, name, context_len)
 
     @property
     def max_length(self) -> int:
         """Context length: the model's position limit (tokenizer limits are often placeholders)."""
         n = getattr(self.model.config, "max_position_embeddings", None)
-        return int(n) if n else int(min(self.tokenizer.model_max_length, 1 << 20))
+        limit = int(n) if n else int(min(self.tokenizer.model_max_length, 1 << 20))
+        return min(limit, self.context_len) if self.context_len else limit
 
     def render(self, messages: Messages) -> str:
         """The prompt text exactly as training rendered it, ending with the assistant header."""
@@ -332,6 +347,22 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def read_prompt_file(path: str) -> tuple[list[dict[str, Any]], bool]:
+    """(rows, plain) of a batch-inference file. ``.jsonl`` / ``.json`` files, and any file whose first
+    non-blank line is a JSON object, are JSON Lines; anything else is plain text with one question a
+    line (MedicalGPT's demo/inference.py --data_file), read as ``{"question": line}`` rows with blank
+    lines skipped (counted on stderr)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    first = next((x for x in lines if x.strip()), "")
+    if path.endswith((".jsonl", ".json")) or first.lstrip().startswith("{"):
+        return read_jsonl(path), False
+    questions = [x.strip() for x in lines if x.strip()]
+    if len(questions) < len(lines):
+        print(f"{path}: skipped {len(lines) - len(questions)} blank line(s)", file=sys.stderr)
+    return [{"question": q} for q in questions], True
+
+
 # ---------------------------------------------------------------- ranks
 
 def init_ranks() -> tuple[int, int]:
@@ -363,16 +394,30 @@ def shard_map(fn: Callable[[list[Any]], list[Any]], items: Sequence[Any], batch_
 
 # ---------------------------------------------------------------- command-line flags
 
+def _path_or_none(value: str) -> str | None:
+    return value or None  # MedicalGPT's scripts pass --lora_model "" for "no adapter"
+
+
 def add_model_args(parser) -> None:
-    """Flags every inference tool shares (chat, serve, web_demo, evaluate)."""
+    """Flags every inference tool shares (chat, serve, web_demo, evaluate); MedicalGPT's demo/ names
+    (--base_model, --lora_model, --tokenizer_path, --only_cpu, ...) are aliases of ours."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model_name_or_path", help="HF model dir (merged or full), or a LoRA adapter dir")
-    g.add_argument("--adapter_name_or_path", "--lora_path", dest="adapter_name_or_path",
-                   help="LoRA adapter dir to apply on --model_name_or_path (merged at load)")
-    g.add_argument("--tokenizer_name_or_path", help="default: the adapter's tokenizer if saved, else the model's")
+    g.add_argument("--model_name_or_path", "--base_model", dest="model_name_or_path", type=_path_or_none,
+                   help="HF model dir (merged or full), or a LoRA adapter dir")
+    g.add_argument("--adapter_name_or_path", "--lora_model", "--lora_path", dest="adapter_name_or_path",
+                   type=_path_or_none, help="LoRA adapter dir to apply on --model_name_or_path (merged at load)")
+    g.add_argument("--tokenizer_name_or_path", "--tokenizer_path", dest="tokenizer_name_or_path", type=_path_or_none,
+                   help="default: the adapter's tokenizer if saved, else the model's")
     g.add_argument("--template_name", help="chat template name; default: the tokenizer's own (training export)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     g.add_argument("--device", default="auto", help="auto (this rank's GPU, else cpu), cpu, cuda, cuda:1 ...")
+    g.add_argument("--only_cpu", "--use_cpu", "--cpu_only", dest="device", action="store_const", const="cpu",
+                   help="run on the CPU (= --device cpu)")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--load_in_4bit", action="store_true", help="load the weights in 4-bit (bitsandbytes nf4)")
+    q.add_argument("--load_in_8bit", action="store_true", help="load the weights in 8-bit (bitsandbytes)")
+    g.add_argument("--resize_emb", action="store_true",
+                   help="size the model's embeddings to the tokenizer (a tokenizer extended after the base was saved)")
     g.add_argument("--trust_remote_code", action="store_true", help="run model code shipped with the checkpoint")
     g.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
@@ -384,17 +429,20 @@ def add_generation_args(parser, max_new_tokens: int = 512) -> None:
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--top_k", type=int, default=0)
     g.add_argument("--repetition_penalty", type=float, default=1.0)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--stop", "--stop_str", dest="stop", action="append", default=[],
+                   help="stop string (repeatable); --stop_str is MedicalGPT's name")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--system_prompt", default=None)
 
 
 def generation_config(args) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=tuple(x for x in args.stop if x),
                             seed=args.seed)
 
 
 def load_from_args(args) -> ChatModel:
+    quantize = "4bit" if getattr(args, "load_in_4bit", False) else "8bit" if getattr(args, "load_in_8bit", False) else None
     return ChatModel.load(args.model_name_or_path, args.adapter_name_or_path, args.tokenizer_name_or_path,
-                          args.template_name, args.dtype, args.device, args.trust_remote_code)
+                          args.template_name, args.dtype, args.device, args.trust_remote_code, quantize=quantize,
+                          resize_emb=getattr(args, "resize_emb", False), context_len=getattr(args, "context_len", None))

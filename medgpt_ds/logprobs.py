@@ -6,8 +6,11 @@ Pure tensor functions: no engine, no device moves, no collectives. The causal sh
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -46,6 +49,96 @@ def token_logprobs(
         picked = logits.gather(-1, safe_labels).squeeze(-1)  # (B, T-1)
         logps = picked - torch.logsumexp(logits, dim=-1)
     return logps.masked_fill(~mask, 0.0), mask
+
+
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor | None = None,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    frozen_head: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logprobs` of ``head(hidden)`` without the (B, T, V) logits (:func:`scored_logprobs`).
+
+    Args:
+        hidden: (B, T, H) final hidden states; ``head``: (N, H) -> (N, V) logits as the model computes them.
+        labels: (B, T) -> returns (B, T-1) exactly like :func:`token_logprobs`; or ``shift_labels``
+            (B, T) already shifted (a sequence-parallel shard) -> returns (B, T).
+        frozen_head: the head's weights take no gradient (LoRA); see :func:`scored_logprobs`.
+
+    Returns:
+        ``(logps, mask)``: log-probs (float32 for fp16/bf16, as :func:`token_logprobs`), zero where ``mask`` is False.
+    """
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("pass exactly one of labels and shift_labels")
+    if shift_labels is None:
+        hidden, shift_labels = hidden[:, :-1], labels[:, 1:]  # (B, T-1, H), (B, T-1)
+    mask = shift_labels != ignore_index  # (B, T')
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))  # (B*T', H)
+    keep = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
+    picked = scored_logprobs(flat_hidden.index_select(0, keep), shift_labels.reshape(-1).index_select(0, keep), head,
+                             chunk_size, frozen_head)  # (N,)
+    logps = flat_hidden.new_zeros(flat_hidden.size(0), dtype=picked.dtype).index_add(0, keep, picked)
+    return logps.view(mask.shape), mask
+
+
+def scored_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                    chunk_size: int = 1024, frozen_head: bool = False) -> torch.Tensor:
+    """``log p(labels[i] | head(hidden[i]))`` for (N, H) hidden rows, ``chunk_size`` rows at a time, so
+    only one chunk's (chunk, V) logits ever exist. Float32 for fp16/bf16 logits, else their dtype.
+
+    A trainable head: each chunk is checkpointed (its logits are recomputed in backward), one autograd
+    graph, so any scale applied later reaches the head's weight gradient. A frozen head
+    (``frozen_head``, e.g. LoRA): each token's log-prob depends only on its own hidden row, so the
+    gradient of every log-prob with respect to its row is computed with the chunk (no recompute) and
+    scaled by the incoming gradient in backward; ``head`` is only called inside this function, so a
+    caller may pass one that uses gathered ZeRO-3 weights (long_context.OutputHead.gathered).
+    """
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    if hidden.size(0) == 0:
+        return hidden.new_zeros(0, dtype=dtype) + 0.0 * hidden.sum()  # keeps the graph
+    if not torch.is_grad_enabled() or (frozen_head and not hidden.requires_grad):  # no gradient wanted
+        return torch.cat([_chunk_logps(hidden[i:i + chunk_size], labels[i:i + chunk_size], head)
+                          for i in range(0, hidden.size(0), chunk_size)])
+    if frozen_head:
+        return _FrozenHeadLogps.apply(hidden, labels, head, chunk_size)
+    return torch.cat([torch.utils.checkpoint.checkpoint(_chunk_logps, hidden[i:i + chunk_size], labels[i:i + chunk_size],
+                                                        head, use_reentrant=False)
+                      for i in range(0, hidden.size(0), chunk_size)])
+
+
+def _chunk_logps(h: torch.Tensor, y: torch.Tensor, head: Callable) -> torch.Tensor:
+    # h: (n, H), y: (n,) -> (n,) log p(y | h), float32 for fp16/bf16 logits. cross_entropy keeps only
+    # its log-softmax for backward (logsumexp would keep the logits and allocate a softmax too).
+    logits = head(h)  # (n, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -F.cross_entropy(logits, y, reduction="none")
+
+
+class _FrozenHeadLogps(torch.autograd.Function):
+    """Per-token log-probs through a head without trainable weights: forward keeps, per token, the
+    gradient of its log-prob with respect to its hidden row (N, H); backward scales those rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, head, chunk_size):
+        values, row_grads = [], []
+        for i in range(0, hidden.size(0), chunk_size):
+            with torch.enable_grad():
+                h = hidden[i:i + chunk_size].detach().requires_grad_(True)  # (n, H)
+                lp = _chunk_logps(h, labels[i:i + chunk_size], head)  # (n,)
+                (g,) = torch.autograd.grad(lp.sum(), h)  # row t of g is d lp[t] / d h[t]
+            values.append(lp.detach())
+            row_grads.append(g)
+        ctx.save_for_backward(torch.cat(row_grads))
+        return torch.cat(values)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (row_grads,) = ctx.saved_tensors  # (N, H)
+        return grad_out.unsqueeze(-1).to(row_grads.dtype) * row_grads, None, None, None
 
 
 def sequence_logprobs(logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:

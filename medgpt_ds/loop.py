@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from medgpt_ds import dist
+from medgpt_ds import dist, engine as eng
 from medgpt_ds.errors import UserError
 from medgpt_ds.metrics import Throughput
 from medgpt_ds.run_state import RunState, TrainState, debug_fault
@@ -54,8 +54,9 @@ def _to_device(batch: dict) -> dict:
 
 def evaluate(engine, items: list, collate: Callable, loss_fn: LossFn, micro: int, unit_key: str) -> dict:
     """Global mean eval loss (+ metrics, perplexity) over all ranks. Every rank runs the same number
-    of forwards (ZeRO-3 gathers are collective); padding slots contribute zero weight."""
-    world, rank = dist.world_size(), dist.rank()
+    of forwards (ZeRO-3 gathers are collective); padding slots contribute zero weight. Items are split
+    over data-parallel ranks (the ranks of a sequence-parallel group share theirs)."""
+    world, rank = dist.dp_world_size(), dist.dp_rank()
     n = len(items)
     n_batches = math.ceil(n / (world * micro))
     sums: dict[str, float] = {}
@@ -88,7 +89,9 @@ def train(*, cfg, engine, model, tokenizer, ds_config: dict, train_items: list, 
           total_steps: int, hf_meta: Callable, num_params: int, resume_dir: Optional[str]) -> TrainState:
     """Run the offline loop to ``total_steps``; checkpoint, evaluate, log; export HF at the end."""
     t = cfg.train
-    world, rank = dist.world_size(), dist.rank()
+    # data-parallel layout: the ranks of a sequence-parallel group take the same items (each its own
+    # slice of their tokens, whose unit counts and loss sums add up over the group)
+    world, rank = dist.dp_world_size(), dist.dp_rank()
     micro, ga = t.per_device_train_batch_size, t.gradient_accumulation_steps
     steps_per_epoch, leftover = epoch_layout(len(train_items), micro, ga, world)
     if steps_per_epoch == 0:
@@ -100,6 +103,7 @@ def train(*, cfg, engine, model, tokenizer, ds_config: dict, train_items: list, 
     if leftover:
         run.logger.info(f"data: {leftover} of {len(train_items)} items per epoch do not fill a whole optimizer step "
                         f"of {micro * ga * world} and are left out of that epoch (a different set each epoch)")
+    grad_average = eng.gradient_average_size(ds_config)  # engine.step divides summed gradients by it
     thr = Throughput.for_model(model, ds_config, num_params)  # tokens/s, TFLOP/s, MFU (metrics.py)
 
     def run_eval() -> None:
@@ -140,7 +144,7 @@ def train(*, cfg, engine, model, tokenizer, ds_config: dict, train_items: list, 
                               dtype=torch.float64, device=dist.device())
         dist.all_reduce_sum(counts)
         global_units = max(counts[0].item(), 1.0)
-        scale = ga * world / global_units
+        scale = ga * grad_average / global_units
         step_loss = 0.0
         step_metrics: dict[str, float] = {}
         for batch in step_batches:

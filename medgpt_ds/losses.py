@@ -14,10 +14,12 @@ when every micro-batch has the same number of pairs.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from medgpt_ds.logprobs import IGNORE_INDEX
+from medgpt_ds.logprobs import IGNORE_INDEX, scored_logprobs
 
 Metrics = dict[str, torch.Tensor]
 
@@ -62,6 +64,50 @@ def causal_lm_loss(
     local_mean = total / count.clamp(min=1)
     loss = local_mean if num_tokens is None else total / num_tokens
     return loss, {"nll": local_mean.detach(), "num_tokens": count.detach()}
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor | None = None,
+    num_tokens: float | torch.Tensor | None = None,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    frozen_head: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, Metrics]:
+    """:func:`causal_lm_loss` of ``head(hidden)`` without ever holding the (tokens x vocab) logits.
+
+    Only the scored positions go through ``head``, ``chunk_size`` tokens at a time
+    (logprobs.scored_logprobs: checkpointed chunks, or per-token gradients for a frozen head), so the
+    loss's memory is one chunk's fp32 logits whatever the sequence length. Values and gradients equal
+    the plain loss up to the order of the fp32 sums.
+
+    Args:
+        hidden: (B, T, H) final hidden states; ``head`` maps (N, H) -> (N, V) logits exactly as the
+            model does (output embedding plus any logit scaling or soft-capping).
+        labels: (B, T), shifted here like :func:`causal_lm_loss`; or ``shift_labels`` (B, T) already
+            shifted (position t is scored against ``shift_labels[:, t]``, as a sequence-parallel shard is).
+        num_tokens: see the module docstring.
+        frozen_head: the head's weights take no gradient (LoRA).
+
+    Metrics: ``nll`` (local token mean, detached), ``num_tokens`` (local scored-token count).
+    """
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("pass exactly one of labels and shift_labels")
+    if shift_labels is None:
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T)
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))  # (B*T, H)
+    flat_labels = shift_labels.reshape(-1)  # (B*T,)
+    keep = (flat_labels != ignore_index).nonzero().squeeze(-1)  # (N,)
+    logps = scored_logprobs(flat_hidden.index_select(0, keep), flat_labels.index_select(0, keep), head, chunk_size,
+                            frozen_head)  # (N,)
+    total = -logps.float().sum()
+    count = keep.new_tensor(keep.numel())
+    local_mean = total / count.clamp(min=1)
+    loss = local_mean if num_tokens is None else total / num_tokens
+    return loss, {"nll": local_mean.detach(), "num_tokens": count}
 
 
 # --- reward model -----------------------------------------------------------------------------

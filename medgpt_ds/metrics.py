@@ -1,5 +1,5 @@
-"""Rank-0 logging to stdout, a jsonl file and TensorBoard; a progress bar with ETA; throughput,
-model FLOPs and MFU. Non-zero ranks get a null logger so call sites stay unconditional.
+"""Rank-0 logging to stdout, a jsonl file and the --report_to trackers (medgpt_ds/report/); a
+progress bar with ETA; throughput, model FLOPs and MFU. Non-zero ranks get a null logger so call sites stay unconditional.
 
 MFU = model FLOPs per second per device / the device's dense peak for the compute dtype. Model
 FLOPs come from the architecture config (``model_flops``): 2 per weight per token forward, 2 for
@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from medgpt_ds import dist
+from medgpt_ds.report import open_backends, resolve_report_to
 
 # Dense (no sparsity) peak tensor-core FLOP/s per device and compute dtype, from the vendors' data
 # sheets; MFU is reported against these. "tf32" is fp32 training with TF32 matmuls allowed. Order
@@ -230,9 +231,9 @@ class MetricsLogger:
     """log(step, metrics) -> stdout line, logs/metrics.jsonl and TensorBoard (rank 0 only)."""
 
     def __init__(self, output_dir: str, report_to: str = "tensorboard", logging_dir: Optional[str] = None,
-                 total_steps: int = 0, initial_step: int = 0):
+                 total_steps: int = 0, initial_step: int = 0, config: Optional[dict] = None):
         self.enabled = dist.is_main()
-        self.tb = None
+        self.backends: list = []  # --report_to trackers (medgpt_ds/report/)
         self.jsonl = None
         self.bar = None
         if not self.enabled:
@@ -240,10 +241,8 @@ class MetricsLogger:
         log_dir = logging_dir or os.path.join(output_dir, "logs")
         os.makedirs(log_dir, exist_ok=True)
         self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a")
-        if report_to in ("tensorboard", "all"):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=log_dir)
+        self.backends = open_backends(resolve_report_to(report_to), log_dir,
+                                      os.path.basename(os.path.normpath(output_dir)), config)
         if total_steps:
             from tqdm import tqdm
 
@@ -257,11 +256,11 @@ class MetricsLogger:
         record = {"step": step, "split": prefix, **clean, "time": time.time()}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
-            self.tb.flush()
+        if self.backends:
+            scalars = {f"{prefix}/{k}": v for k, v in clean.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            for backend in self.backends:
+                backend.log(scalars, step)
         line = f"{prefix} step {step} | " + " | ".join(f"{k} {fmt(v)}" for k, v in clean.items())
         if self.bar is not None:
             self.bar.write(line)
@@ -282,8 +281,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        for backend in self.backends:
+            backend.close()
+        self.backends = []
         if self.jsonl is not None:
             self.jsonl.close()
 

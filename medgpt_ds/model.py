@@ -132,13 +132,29 @@ def resolve_dtype(model_args, train_args) -> torch.dtype:
     return torch.float32
 
 
+_warned_flash_attn = False
+
+
 def resolve_attn_implementation(model_args) -> str:
+    """The attention a run uses. ``--attn_implementation flash_attention_2`` where it cannot run is an
+    error; MedicalGPT's ``--flash_attn True`` asks for it where available: without CUDA or flash-attn
+    it warns once and uses sdpa, as MedicalGPT does."""
+    global _warned_flash_attn
     have_fa = importlib.util.find_spec("flash_attn") is not None
-    if model_args.flash_attn or model_args.attn_implementation == "flash_attention_2":
-        if not (have_fa and dist.on_cuda()):
+    runnable = have_fa and dist.on_cuda()
+    if model_args.attn_implementation == "flash_attention_2":
+        if not runnable:
             raise UserError("flash_attention_2 needs a CUDA GPU and the flash-attn package "
                              "(pip install medgpt-ds[gpu]); use --attn_implementation sdpa")
         return "flash_attention_2"
+    if model_args.flash_attn and model_args.attn_implementation == "auto":  # an explicit choice wins
+        if runnable:
+            return "flash_attention_2"
+        if not _warned_flash_attn:
+            why = "no CUDA device" if not dist.on_cuda() else "the flash-attn package is not installed"
+            dist.print0(f"warning: --flash_attn True: flash_attention_2 cannot run here ({why}); using sdpa")
+            _warned_flash_attn = True
+        return "sdpa"
     if model_args.attn_implementation == "auto":
         return "flash_attention_2" if have_fa and dist.on_cuda() else "sdpa"
     return model_args.attn_implementation

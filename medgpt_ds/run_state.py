@@ -109,7 +109,8 @@ class RunState:
             dist.print0(f"resumed from {self.resume_dir} at step {self.state.global_step} (epoch {self.state.epoch}, "
                         f"step {self.state.step_in_epoch} of {self.steps_per_epoch} in the epoch)")
         t = self.cfg.train
-        self.logger = MetricsLogger(t.output_dir, t.report_to, t.logging_dir, self.total_steps, self.state.global_step)
+        self.logger = MetricsLogger(t.output_dir, t.report_to, t.logging_dir, self.total_steps, self.state.global_step,
+                                    config=self.cfg.to_dict())
         return self.state
 
     def save(self) -> None:

@@ -233,8 +233,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--host", "--server_name", dest="host", default="127.0.0.1",
+                   help="bind address (default loopback only); --server_name is MedicalGPT's openai_api.py name")
+    g.add_argument("--port", "--server_port", dest="port", type=int, default=8000)
     g.add_argument("--served_model_name", help="the 'model' clients send (default: the model dir's name)")
     g.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
                    help=f"require this bearer key (default: ${API_KEY_ENV}; prefer the env var, argv is visible in ps)")
@@ -246,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--log_level", default="info")
     args = p.parse_args(argv)
     if args.model_name_or_path is None and args.adapter_name_or_path is None:
-        p.error("pass --model_name_or_path")
+        p.error("pass --model_name_or_path (MedicalGPT: --base_model)")
     return args
 
 

@@ -3,9 +3,12 @@
     python tools/web_demo.py --model_name_or_path outputs/sft            # http://127.0.0.1:7860
     python tools/web_demo.py --model_name_or_path base --adapter_name_or_path outputs/sft_lora
 
-Binds 127.0.0.1 unless --host says otherwise; never opens a public share link. Before exposing it beyond
-this machine require a login: MEDGPT_WEB_AUTH=user:password, or --auth_file FILE holding user:password
-(never on the command line, where every user of the machine sees it in `ps`).
+    python tools/web_demo.py --base_model base --lora_model outputs/sft_lora --only_cpu   # MedicalGPT's flags
+
+Binds 127.0.0.1 unless --host says otherwise. Before exposing it beyond this machine require a login:
+MEDGPT_WEB_AUTH=user:password, or --auth_file FILE holding user:password (never on the command line,
+where every user of the machine sees it in `ps`). --share (a public gradio.live link) is refused
+without such a login; with one it opens the link, as gradio does.
 """
 import argparse
 import os
@@ -74,9 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"file holding user:password, required to open the page (or set ${AUTH_ENV})")
     g.add_argument("--auth", default=None, help=argparse.SUPPRESS)  # refused: argv is visible in ps
     g.add_argument("--title", default=None)
+    g.add_argument("--share", action="store_true",
+                   help="also publish a public gradio.live link (needs a login: --auth_file or $" + AUTH_ENV + ")")
+    g.add_argument("--context_len", type=int, default=None,
+                   help="cap on prompt + answer tokens (default: the model's own context length)")
     args = p.parse_args(argv)
+    if args.context_len is not None and args.context_len < 2:
+        p.error("--context_len must be at least 2")
     if args.model_name_or_path is None and args.adapter_name_or_path is None:
-        p.error("pass --model_name_or_path")
+        p.error("pass --model_name_or_path (MedicalGPT: --base_model)")
     return args
 
 
@@ -101,10 +110,20 @@ def read_auth(args) -> tuple[str, str] | None:
     return user, password
 
 
+def check_share(args, auth) -> None:
+    """--share publishes the demo on a public URL: only behind a login."""
+    if args.share and auth is None:
+        raise UserError(f"--share would publish this medical demo on a public gradio.live URL without a login; it binds "
+                        f"{args.host}:{args.port} on this machine (reach it from elsewhere with ssh -L "
+                        f"{args.port}:127.0.0.1:{args.port}). To share it anyway set a login: {AUTH_ENV}=user:password "
+                        "or --auth_file FILE")
+
+
 @main_boundary
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     auth = read_auth(args)
+    check_share(args, auth)
     check_inference_model(args)
     import gradio as gr
 
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     # system fonts: the default theme links web fonts, which a closed network cannot fetch
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     demo.queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, share=False, ssr_mode=False, theme=theme,
+        server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, theme=theme,
         auth=auth, footer_links=[])
     return 0
 

@@ -13,10 +13,10 @@ import json
 
 import torch
 
-from medgpt_ds import dist
+from medgpt_ds import dist, long_context
 from medgpt_ds.data.formats import DataError
 from medgpt_ds.data.templates import encode_preference
-from medgpt_ds.logprobs import IGNORE_INDEX, token_logprobs
+from medgpt_ds.logprobs import IGNORE_INDEX, token_logprobs, token_logprobs_from_hidden
 
 
 def pair_id(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int]) -> str:
@@ -98,9 +98,24 @@ class PairCollator:
         return batch
 
 
-def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of the (2B, T) batch -> per-row answer log-prob sums (2B,) and answer token
-    counts (2B,). ``model`` is a DeepSpeed engine or any causal LM."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logps, mask = token_logprobs(out.logits, batch["labels"])  # (2B, T-1)
-    return (logps * mask).sum(-1), mask.sum(-1).to(logps.dtype)
+    counts (2B,). ``model`` is a DeepSpeed engine or any causal LM.
+
+    ``chunk_size`` > 0: log-probs from the final hidden states through the output head in chunks of
+    tokens (logprobs.token_logprobs_from_hidden), never the (2B, T, V) logits. A sequence-parallel
+    shard (``shift_labels``) sums its slice of each row, then the group's slices (differentiably)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+              "position_ids": batch.get("position_ids"), "use_cache": False}
+    if chunk_size:
+        hidden = long_context.final_hidden_states(model, **inputs)
+        head = long_context.OutputHead(model)
+        with head.gathered() as head_fn:
+            logps, mask = token_logprobs_from_hidden(hidden, head_fn, batch.get("labels"), chunk_size=chunk_size,
+                                                     shift_labels=batch.get("shift_labels"), frozen_head=head.frozen)
+    else:
+        logps, mask = token_logprobs(model(**inputs).logits, batch["labels"])  # (2B, T-1)
+    sums, counts = (logps * mask).sum(-1), mask.sum(-1).to(logps.dtype)
+    if "shift_labels" in batch:
+        sums, counts = dist.sp_all_reduce_sum(sums), dist.sp_all_reduce_sum(counts.detach())
+    return sums, counts

@@ -28,13 +28,14 @@ from typing import Optional
 import torch
 from transformers import set_seed
 
-from medgpt_ds import checkpoint, dist, engine as eng, loop
+from medgpt_ds import checkpoint, dist, engine as eng, long_context, loop, sequence_parallel
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.pairs import PairCollator, load_pairs, pair_logps
 from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.errors import UserError
 from medgpt_ds.losses import DPO_LOSS_TYPES, dpo_loss
 from medgpt_ds.model import count_parameters, load_model, load_tokenizer, resolve_dtype
+from medgpt_ds.sequence_parallel import ShardCollator
 
 REFERENCES = ("auto", "model", "adapter", "precomputed")
 CACHE_FILE = "reference_logps.pt"
@@ -77,6 +78,8 @@ def build_reference(cfg, a: Arguments, tokenizer, ds_config: dict):
     # the policy's start includes a continued adapter (--peft_path); an explicit reference does not
     largs = dataclasses.replace(cfg.lora, use_peft=bool(cfg.lora.peft_path and not a.ref_model_name_or_path))
     model = load_model(margs, targs, largs, tokenizer, frozen)
+    if dist.sp_size() > 1:
+        sequence_parallel.check_model(model)
     return eng.init_frozen_engine(model, frozen)
 
 
@@ -95,9 +98,10 @@ def reference_fingerprint(cfg, a: Arguments) -> str:
     return json.dumps(src + [str(resolve_dtype(m, t)), m.attn_implementation, m.load_in_4bit, m.load_in_8bit], default=str)
 
 
-def precompute_reference(cfg, a: Arguments, engine, tokenizer, ds_config: dict, items: list[dict]) -> None:
+def precompute_reference(cfg, a: Arguments, engine, tokenizer, ds_config: dict, items: list[dict],
+                         chunk_size: int = 0) -> None:
     """Attach item["ref"] = [chosen sum, rejected sum, chosen n, rejected n] to every item, from the
-    cache in output_dir or computed now (ranks split the missing pairs, then all-gather)."""
+    cache in output_dir or computed now (data-parallel ranks split the missing pairs, then all-gather)."""
     path = os.path.join(cfg.train.output_dir, CACHE_FILE)
     fp = reference_fingerprint(cfg, a)
     table: dict = {}
@@ -114,8 +118,10 @@ def precompute_reference(cfg, a: Arguments, engine, tokenizer, ds_config: dict, 
                 f"computing {len(missing)}")
     if missing:
         ref = build_reference(cfg, a, tokenizer, ds_config) if a.ref_model_name_or_path else engine
-        world, rank, micro = dist.world_size(), dist.rank(), cfg.train.per_device_eval_batch_size
+        world, rank, micro = dist.dp_world_size(), dist.dp_rank(), cfg.train.per_device_eval_batch_size
         collate = PairCollator(tokenizer.pad_token_id)
+        if dist.sp_size() > 1:
+            collate = ShardCollator(collate, tokenizer.pad_token_id)
         mine = missing[rank::world]
         local = []
         was_training = ref.module.training
@@ -126,7 +132,7 @@ def precompute_reference(cfg, a: Arguments, engine, tokenizer, ds_config: dict, 
                 ids = mine[b * micro:(b + 1) * micro]
                 batch = collate([by_id[i] for i in (ids or missing[:1])])
                 batch = {k: (v.to(dist.device()) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                sums, counts = pair_logps(ref, batch)
+                sums, counts = pair_logps(ref, batch, chunk_size)
                 n = len(ids)
                 vals = torch.stack([sums[:n], sums[n:2 * n], counts[:n], counts[n:2 * n]], -1).double().cpu().tolist()
                 local += list(zip(ids, vals))
@@ -154,6 +160,7 @@ def run(cfg) -> loop.TrainState:
         raise UserError("--reference adapter disables the LoRA adapter for the reference: add --use_peft "
                         "(or use --reference model / precomputed)")
     dist.init(t.ddp_timeout)
+    dist.init_sequence_parallel(t.sequence_parallel_size)
     dist.announce()
     resume = checkpoint.prepare_output_dir(cfg)
     set_seed(t.seed)
@@ -163,16 +170,18 @@ def run(cfg) -> loop.TrainState:
     train_items, eval_items = load_pairs(cfg, tokenizer, "dpo")
 
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,
-                                           t.gradient_accumulation_steps, dist.world_size())
+                                           t.gradient_accumulation_steps, dist.dp_world_size())
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config)
+    long_context.prepare_model(model, t)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
+    chunk = long_context.loss_chunk_size(t, engine, "dpo")
     ref_engine = build_reference(cfg, a, tokenizer, ds_config) if reference == "model" else None
     if reference == "precomputed":
         # before loop.train loads any checkpoint: the policy engine still holds its start weights
-        precompute_reference(cfg, a, engine, tokenizer, ds_config, train_items + eval_items)
+        precompute_reference(cfg, a, engine, tokenizer, ds_config, train_items + eval_items, chunk)
     dist.print0(f"dpo: loss {a.loss_type}, beta {a.beta}, label_smoothing {a.label_smoothing}, reference {reference}")
     average = a.loss_type == "ipo"  # IPO uses per-token mean log-probs (as TRL)
 
@@ -187,28 +196,35 @@ def run(cfg) -> loop.TrainState:
         with torch.no_grad():
             if reference == "adapter":
                 with engine.module.disable_adapter():
-                    sums, _ = pair_logps(engine.module, batch)
+                    sums, _ = pair_logps(engine.module, batch, chunk)
             else:
-                sums, _ = pair_logps(ref_engine, batch)
+                sums, _ = pair_logps(ref_engine, batch, chunk)
         module.train(was_training)
         return sums
 
     def loss_fn(engine, batch: dict):
         ref = reference_logps(engine, batch)
-        sums, counts = pair_logps(engine, batch)  # (2B,)
+        sums, counts = pair_logps(engine, batch, chunk)  # (2B,)
         ref = ref.to(sums.dtype)
         if average:
             sums, ref = sums / counts.clamp(min=1), ref / counts.clamp(min=1)
-        n = int(batch["num_pairs"])
+        n = batch["input_ids"].size(0) // 2
         loss, metrics = dpo_loss(sums[:n], sums[n:], ref[:n], ref[n:], beta=a.beta, loss_type=a.loss_type,
                                  label_smoothing=a.label_smoothing)
-        return loss * n, {k: v * n for k, v in metrics.items()}  # the loop wants sums over pairs
+        # the loop wants sums over pairs; the ranks of a sequence-parallel group each hold the same
+        # loss and 1/N of the pairs (ShardCollator), so each returns 1/N of the sum
+        w = n / dist.sp_size()
+        return loss * w, {k: v * w for k, v in metrics.items()}
 
     def hf_meta(tag_dir: str) -> None:
         write_hf_meta(tag_dir, engine.module, tokenizer, model_kind="causal_lm", base_model=cfg.model.model_name_or_path,
                       torch_dtype=str(next(engine.module.parameters()).dtype))
 
+    collate = PairCollator(tokenizer.pad_token_id)
+    if dist.sp_size() > 1:
+        collate = ShardCollator(collate, tokenizer.pad_token_id)
     return loop.train(cfg=cfg, engine=engine, model=model, tokenizer=tokenizer, ds_config=ds_config,
-                      train_items=train_items, eval_items=eval_items, collate=PairCollator(tokenizer.pad_token_id),
-                      loss_fn=loss_fn, unit_key="num_pairs", total_steps=total_steps, hf_meta=hf_meta,
+                      train_items=train_items, eval_items=eval_items, collate=collate,
+                      loss_fn=long_context.with_context(loss_fn, long_context.offload_context(engine, t)),
+                      unit_key="num_pairs", total_steps=total_steps, hf_meta=hf_meta,
                       num_params=count_parameters(model), resume_dir=resume)

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 from transformers import set_seed
 
-from medgpt_ds import checkpoint, dist, engine as eng, loop
+from medgpt_ds import checkpoint, dist, engine as eng, long_context, loop
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.pairs import PairCollator, load_pairs, pair_logps
 from medgpt_ds.data.templates import get_chat_template
 from medgpt_ds.losses import orpo_loss, simpo_loss
 from medgpt_ds.model import count_parameters, load_model, load_tokenizer
+from medgpt_ds.sequence_parallel import ShardCollator
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Arguments:
 def run(cfg) -> loop.TrainState:
     t, d, a = cfg.train, cfg.data, cfg.stage_args or Arguments()
     dist.init(t.ddp_timeout)
+    dist.init_sequence_parallel(t.sequence_parallel_size)
     dist.announce()
     resume = checkpoint.prepare_output_dir(cfg)
     set_seed(t.seed)
@@ -51,29 +53,37 @@ def run(cfg) -> loop.TrainState:
     train_items, eval_items = load_pairs(cfg, tokenizer, a.loss_type)
 
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,
-                                           t.gradient_accumulation_steps, dist.world_size())
+                                           t.gradient_accumulation_steps, dist.dp_world_size())
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config)
+    long_context.prepare_model(model, t)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
+    chunk = long_context.loss_chunk_size(t, engine, a.loss_type)
 
     def loss_fn(engine, batch: dict):
-        sums, counts = pair_logps(engine, batch)  # (2B,)
+        sums, counts = pair_logps(engine, batch, chunk)  # (2B,)
         avg = sums / counts.clamp(min=1)
-        n = int(batch["num_pairs"])
+        n = batch["input_ids"].size(0) // 2
         if a.loss_type == "simpo":
             loss, metrics = simpo_loss(avg[:n], avg[n:], beta=a.simpo_beta, gamma=a.simpo_gamma)
         else:
             # the chosen answer's mean NLL per pair, averaged over pairs (ORPO eq. 2)
             loss, metrics = orpo_loss(avg[:n], avg[n:], chosen_nll=-avg[:n].mean(), beta=a.orpo_beta)
-        return loss * n, {k: v * n for k, v in metrics.items()}  # the loop wants sums over pairs
+        # the loop wants sums over pairs; a sequence-parallel rank holds the group's loss and 1/N of its pairs
+        w = n / dist.sp_size()
+        return loss * w, {k: v * w for k, v in metrics.items()}
 
     def hf_meta(tag_dir: str) -> None:
         write_hf_meta(tag_dir, engine.module, tokenizer, model_kind="causal_lm", base_model=cfg.model.model_name_or_path,
                       torch_dtype=str(next(engine.module.parameters()).dtype))
 
+    collate = PairCollator(tokenizer.pad_token_id)
+    if dist.sp_size() > 1:
+        collate = ShardCollator(collate, tokenizer.pad_token_id)
     return loop.train(cfg=cfg, engine=engine, model=model, tokenizer=tokenizer, ds_config=ds_config,
-                      train_items=train_items, eval_items=eval_items, collate=PairCollator(tokenizer.pad_token_id),
-                      loss_fn=loss_fn, unit_key="num_pairs", total_steps=total_steps, hf_meta=hf_meta,
+                      train_items=train_items, eval_items=eval_items, collate=collate,
+                      loss_fn=long_context.with_context(loss_fn, long_context.offload_context(engine, t)),
+                      unit_key="num_pairs", total_steps=total_steps, hf_meta=hf_meta,
                       num_params=count_parameters(model), resume_dir=resume)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForSequenceClassification, set_seed
 
-from medgpt_ds import checkpoint, dist, engine as eng, loop
+from medgpt_ds import checkpoint, dist, engine as eng, long_context, loop
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.pairs import PairCollator, load_pairs
 from medgpt_ds.data.templates import get_chat_template
@@ -73,10 +73,13 @@ def run(cfg) -> loop.TrainState:
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config, model_cls=AutoModelForSequenceClassification,
                        extra_config={"num_labels": 1, "pad_token_id": tokenizer.pad_token_id}, peft_task_type="SEQ_CLS")
+    long_context.prepare_model(model, t)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
 
     def loss_fn(engine, batch: dict):
         return pairwise_loss_sum(engine, batch, a.margin, a.center_rewards_coefficient)
+
+    loss_fn = long_context.with_context(loss_fn, long_context.offload_context(engine, t))
 
     def hf_meta(tag_dir: str) -> None:
         write_hf_meta(tag_dir, engine.module, tokenizer, model_kind="reward", base_model=cfg.model.model_name_or_path,

@@ -10,25 +10,36 @@ sharegpt `conversations`, `messages`, alpaca. Samples are packed into rows of mo
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 from transformers import set_seed
 
-from medgpt_ds import checkpoint, dist, engine as eng, loop
+from medgpt_ds import checkpoint, dist, engine as eng, long_context, loop
 from medgpt_ds.convert import write_hf_meta
 from medgpt_ds.data.loading import data_key, load_train_eval, resolve_tools, tokenize_records
 from medgpt_ds.data.packing import PackingPlan, PaddedCollator, model_inputs, pack_sequences, packing_plan
 from medgpt_ds.data.templates import encode_conversation, get_chat_template
 from medgpt_ds.errors import UserError
-from medgpt_ds.losses import causal_lm_loss
+from medgpt_ds.losses import causal_lm_loss, chunked_causal_lm_loss
 from medgpt_ds.model import count_parameters, load_config, load_model, load_tokenizer, resolve_attn_implementation
+from medgpt_ds.sequence_parallel import ShardCollator
 
 
-def lm_loss_sum(engine, batch: dict):
-    """Summed next-token cross entropy over label tokens (the loop normalises globally)."""
-    out = engine(**model_inputs(batch), use_cache=False)
-    loss, _ = causal_lm_loss(out.logits, batch["labels"], num_tokens=1.0)
+def lm_loss_sum(engine, batch: dict, chunk_size: int = 0):
+    """Summed next-token cross entropy over label tokens (the loop normalises globally). With
+    ``chunk_size`` the head and loss run in chunks of tokens from the final hidden states (no full
+    logits); a sequence-parallel shard carries pre-shifted ``shift_labels``."""
+    inputs = {**model_inputs(batch), "use_cache": False}
+    if chunk_size:
+        hidden = long_context.final_hidden_states(engine, **inputs)
+        head = long_context.OutputHead(engine)
+        with head.gathered() as head_fn:
+            loss, _ = chunked_causal_lm_loss(hidden, head_fn, batch.get("labels"), num_tokens=1.0, chunk_size=chunk_size,
+                                             shift_labels=batch.get("shift_labels"), frozen_head=head.frozen)
+    else:
+        loss, _ = causal_lm_loss(engine(**inputs).logits, batch["labels"], num_tokens=1.0)
     return loss, {}
 
 
@@ -42,7 +53,8 @@ def pack_or_pad(items: list[dict], max_len: int, plan: Optional[PackingPlan], pa
     rows = pack_sequences([len(x["input_ids"]) for x in items], max_len)
     n_tok = sum(len(x["input_ids"]) for x in items)
     dist.print0(f"{what}: packed {len(items)} samples into {len(rows)} rows of <= {max_len} tokens "
-                f"(fill {100 * n_tok / max(1, len(rows) * max_len):.1f}%, layout {plan.layout})")
+                f"(fill {100 * n_tok / max(1, len(rows) * max_len):.1f}%, layout {plan.layout}); a batch counts rows "
+                "(--packing False: one sample a row, as MedicalGPT)")
     return [[items[i] for i in row] for row in rows], plan.collator(pad_id)
 
 
@@ -56,6 +68,7 @@ def plan_packing(cfg, tokenizer) -> Optional[PackingPlan]:
 def run(cfg) -> loop.TrainState:
     t, d = cfg.train, cfg.data
     dist.init(t.ddp_timeout)
+    dist.init_sequence_parallel(t.sequence_parallel_size)
     dist.announce()
     resume = checkpoint.prepare_output_dir(cfg)
     set_seed(t.seed)
@@ -84,14 +97,21 @@ def run(cfg) -> loop.TrainState:
     train_items, collate = pack_or_pad(train_items, d.model_max_length, plan_packing(cfg, tokenizer),
                                        tokenizer.pad_token_id, "sft train")
 
-    world = dist.world_size()
+    world = dist.dp_world_size()
     steps_per_epoch, _ = loop.epoch_layout(len(train_items), t.per_device_train_batch_size,
                                            t.gradient_accumulation_steps, world)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     ds_config = eng.build_ds_config(cfg, hidden_size=None, num_training_steps=total_steps)
     model = load_model(cfg.model, t, cfg.lora, tokenizer, ds_config)
+    long_context.prepare_model(model, t)
     engine, _, _ = eng.init_train_engine(model, ds_config, t, total_steps)
+    chunk = long_context.loss_chunk_size(t, engine, "sft")
+    loss_fn = long_context.with_context(functools.partial(lm_loss_sum, chunk_size=chunk),
+                                        long_context.offload_context(engine, t))
+    eval_collate = PaddedCollator(tokenizer.pad_token_id)
+    if dist.sp_size() > 1:
+        collate, eval_collate = (ShardCollator(c, tokenizer.pad_token_id) for c in (collate, eval_collate))
 
     def hf_meta(tag_dir: str) -> None:
         write_hf_meta(tag_dir, engine.module, tokenizer, model_kind="causal_lm",
@@ -99,6 +119,6 @@ def run(cfg) -> loop.TrainState:
 
     return loop.train(cfg=cfg, engine=engine, model=model, tokenizer=tokenizer, ds_config=ds_config,
                       train_items=train_items, eval_items=eval_items, collate=collate,
-                      eval_collate=PaddedCollator(tokenizer.pad_token_id), loss_fn=lm_loss_sum,
+                      eval_collate=eval_collate, loss_fn=loss_fn,
                       unit_key="num_label_tokens", total_steps=total_steps, hf_meta=hf_meta,
                       num_params=count_parameters(model), resume_dir=resume)
