@@ -159,6 +159,9 @@ def test_grpo_two_ranks_zero3_learns_crashes_and_resumes_with_the_right_weights(
     assert sorted(m) == list(range(1, 13))
     assert all(m[s]["rollout/weight_version"] == s - 1 for s in m)  # every rollout from the previous step's weights
     assert all(m[s]["rollout/logprob_diff_max"] < 1e-4 for s in m)  # sampled tokens, top-k 8: vLLM == trainer
+    # the off-policy correction sees no mismatch to correct: importance ratios 1, nothing truncated
+    assert all(abs(m[s]["rollout/is_ratio_mean"] - 1) < 1e-4 and m[s]["rollout/is_truncated_frac"] == 0
+               and 0 <= m[s]["rollout/kl_engine_trainer"] < 1e-6 and m[s]["time/weight_sync_s"] > 0 for s in m)
     rewards = [m[s]["reward"] for s in sorted(m)]
     assert sum(rewards[-3:]) / 3 >= sum(rewards[:3]) / 3 + 0.25, rewards
 
