@@ -4,8 +4,8 @@ rollout-env`; skipped with a reason without it).
 Every launch goes through tests/vllm_probe.py: after each weight sync (the first rollout of a run
 included) every rank checks that vLLM's greedy tokens equal transformers' greedy tokens on the
 trainer's current weights and that vLLM's log-probs of them are within 1e-4 of the trainer's. Two
-launches pairs, each sharing its server starts between several assertions (a start costs ~17 s idle,
-a minute on a loaded machine):
+launch pairs and one single launch, each server start shared by several assertions (a start costs
+~17 s idle, a minute on a loaded machine):
 
 - grpo, 2 ranks, ZeRO-3 (persistence threshold 0), full weights, top-k sampling: the rule reward
   rises; a rank fails at step 6 (after the checkpoint of step 4), the launcher tears everything down
@@ -14,6 +14,7 @@ a minute on a loaded machine):
 - ppo with RLOO, 1 rank, LoRA pushed as an adapter under a new name every step: the trainer is
   SIGKILLed mid-run (no vLLM process survives it), resumed, and the adapter vLLM serves after the
   resume is the resumed one.
+- grpo, 1 rank, against a server the test started (--vllm_server_url): used, checked, left running.
 
 The model is a 2-layer Llama with head_dim 32 (vLLM's CPU attention has no smaller head size) and
 wide initial weights, so answers depend on the prompt and greedy steps are no near-ties.
@@ -206,3 +207,27 @@ def test_ppo_rloo_lora_adapter_survives_sigkill_and_resumes(tmp_path, assets):
     assert sorted(m) == list(range(1, 7)) and all(m[s]["rollout/logprob_diff_max"] < 1e-4 for s in m)
     assert os.path.isfile(out / "adapter_model.safetensors")
     assert _gone(assets["actor"]) == []
+
+
+def test_grpo_with_vllm_server_url_uses_and_leaves_an_external_server(tmp_path, assets):
+    # a server started elsewhere (here: by the test) with the settings connect() documents
+    server = vs.start_server(vs.ServerConfig(model=assets["actor"], python=VLLM_PYTHON, log_path=str(tmp_path / "vllm.log"),
+                                             dtype="float32", max_model_len=512, chunked_prefill=False))
+    try:
+        out, log = tmp_path / "grpo", tmp_path / "probe"
+        args = ["--stage", "grpo", "--model_name_or_path", assets["actor"], "--template_name", "chatml",
+                "--train_file_dir", "data/demo/grpo", "--rollout_backend", "vllm_probe", "--vllm_server_url",
+                server.url, "--reward_funcs", RULE, "--num_generations", "4", "--per_device_train_batch_size", "8",
+                "--max_new_tokens", "4", "--learning_rate", "1e-2", "--max_steps", "3", "--save_steps", "0",
+                "--logging_steps", "1", "--report_to", "none", "--output_dir", str(out)]
+        _run(1, args, _probe_env(assets, log))
+        probes = _probes(log, 1)
+        _check_probes(probes)
+        assert [p["version"] for p in probes[0]] == [0, 1, 2]
+        assert [r["rollout/weight_version"] for r in metrics(out)] == [0.0, 1.0, 2.0]
+        # the trainer neither started nor stopped it: still serving the last pushed weights; the pushed files
+        # (under the output dir, which a remote server must see) are removed at the end
+        assert server.alive() and server.client.healthy() and server.client.weight_version() == 2
+        assert not os.path.exists(out / "vllm_weights") and not os.path.exists(out / "logs" / "vllm_server.log")
+    finally:
+        server.close()
