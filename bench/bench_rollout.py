@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Rollout benchmark: PPO step time split into generation / scoring (reference + reward model +
-critic + old log-probs) / training, for the rollout backends under ZeRO-3 on a tiny model.
+critic + old log-probs) / training / weight sync, for the rollout backends under ZeRO-3.
 
     python bench/bench_rollout.py                              # 2 ranks, tiny model, CPU or GPU
     python bench/bench_rollout.py --sizes tiny,small --max_new_tokens 64 --steps 6
+    python bench/bench_rollout.py --runs hybrid,vllm --sizes tiny32,40m --result rollout_vllm
 
 Each run is a real `deepspeed --num_gpus N launch/train.py --stage ppo` (through bench/rollout_probe.py,
 which records every rollout's token ids) with a reward model, greedy decoding and the same prompts:
@@ -11,12 +12,15 @@ which records every rollout's token ids) with a reward model, greedy decoding an
   hybrid     ZeRO-3: the actor's shards gathered once per rollout, KV-cached generate (the default)
   per_token  ZeRO-3: no gather; every decoding step re-gathers every layer, synced_gpus=True
   zero2      ZeRO-2 (replicated weights): plain generate, for reference
+  vllm       ZeRO-3 + a vLLM server started by rank 0 (`make rollout-env` on CPU): the gathered
+             weights pushed to it before every rollout (the weight sync column), generation there
 
 The bench fails unless the greedy response token ids are identical, rank by rank and step by step,
 between the ZeRO-3 backends (same weights at every step), and between ZeRO-2 and ZeRO-3 at the first
 step (same initial weights; later ZeRO-2 steps may differ in the last bits of the update). Times are
-per-step means over the steps after the first (warm-up). Results: a table on stdout and
-bench/results/rollout_backends.json.
+per-step means over the steps after the first (warm-up); vLLM's server start (before step 1) is not
+in them. Results: a table on stdout and bench/results/<--result>.json (rollout_backends by default).
+vLLM's CPU attention needs a head size >= 32: use tiny32 (or larger) with the vllm run.
 """
 from __future__ import annotations
 
@@ -34,8 +38,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 # hidden, layers, intermediate, heads, kv heads
-SIZES = {"tiny": (64, 2, 176, 4, 2), "small": (256, 4, 704, 8, 4)}
-RUNS = {"hybrid": ("zero3", "hybrid"), "per_token": ("zero3", "per_token"), "zero2": ("zero2", "hybrid")}
+SIZES = {"tiny": (64, 2, 176, 4, 2), "tiny32": (64, 2, 176, 2, 1), "small": (256, 4, 704, 8, 4),
+         "40m": (512, 14, 1408, 8, 4)}
+RUNS = {"hybrid": ("zero3", "hybrid"), "per_token": ("zero3", "per_token"), "zero2": ("zero2", "hybrid"),
+        "vllm": ("zero3", "vllm")}
 
 
 def make_assets(workdir: str, size: str) -> dict:
@@ -132,7 +138,8 @@ def first_difference(a: dict, b: dict, steps: int | None = None) -> str | None:
 
 def summarize(records: list[dict]) -> dict:
     timed = records[1:] or records  # the first step pays one-time costs
-    mean = {k: sum(r[f"time/{k}_s"] for r in timed) / len(timed) for k in ("generation", "scoring", "training")}
+    mean = {k: sum(r.get(f"time/{k}_s", 0.0) for r in timed) / len(timed)
+            for k in ("generation", "scoring", "training", "weight_sync")}
     mean["step"] = sum(mean.values())
     mean["tokens"] = sum(r["response_length"] for r in timed) / len(timed)
     return mean
@@ -147,6 +154,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="prompts per rank per step")
     ap.add_argument("--max_new_tokens", type=int, default=48)
     ap.add_argument("--workdir", default="/tmp/medgpt_bench_rollout")
+    ap.add_argument("--result", default="rollout_backends", help="bench/results/<name>.json")
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     results = {}
@@ -177,22 +185,24 @@ def main() -> None:
     load = os.getloadavg()[0]  # other jobs on the machine inflate every number
     print(f"\nPPO step time, s per step (mean of steps 2..{args.steps}); {args.nproc} ranks on {device}, "
           f"load average {load:.1f}")
-    print("| model | run | generation | scoring | training | step | gen. share | gen. speedup vs per_token |")
-    print("|---|---|---|---|---|---|---|---|")
+    first = args.runs.split(",")[0]
+    print(f"| model | run | generation | scoring | training | weight sync | step | gen. share | gen. speedup vs {first} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size, res in results.items():
-        base = res.get("per_token", {}).get("generation")
+        base = res[first]["generation"]
         for run in args.runs.split(","):
             m = res[run]
-            speed = f"{base / m['generation']:.2f}x" if base else "-"
             print(f"| {size} | {run} | {m['generation']:.3f} | {m['scoring']:.3f} | {m['training']:.3f} | "
-                  f"{m['step']:.3f} | {100 * m['generation'] / m['step']:.0f}% | {speed} |")
+                  f"{m['weight_sync']:.3f} | {m['step']:.3f} | {100 * m['generation'] / m['step']:.0f}% | "
+                  f"{base / m['generation']:.2f}x |")
         for name, c in res["token_checks"].items():
             print(f"greedy token ids identical ({size}, {name}, {c['scope']}, {res['rollouts_compared']} rollouts "
                   f"per run): yes; all later rollouts too: {c['later_rollouts_identical']}")
     from common import write_result
 
-    print("wrote", write_result("rollout_backends", {
-        "title": "online RL rollout backends (PPO step split)", "kind": "rollout",
+    print("wrote", write_result(args.result, {
+        "title": "online RL rollout backends (PPO step split)" if args.result == "rollout_backends" else
+                 f"online RL rollout backends: {' vs '.join(args.runs.split(','))} (PPO step split)", "kind": "rollout",
         "command": "python bench/bench_rollout.py " + " ".join(sys.argv[1:]),
         "settings": {"ranks": args.nproc, "prompts_per_rank": args.batch, "max_new_tokens": args.max_new_tokens,
                      "decoding": "greedy", "steps": args.steps, "sizes": {k: SIZES[k] for k in results},

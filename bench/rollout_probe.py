@@ -10,22 +10,22 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-try:  # the backends' home (rollout.py is being split into generation.py / advantages.py)
-    from medgpt_ds import generation as backends
-except ImportError:
-    from medgpt_ds import rollout as backends
+from medgpt_ds import generation, vllm_rollout  # noqa: E402
 
-_generate = backends.HFGenerateBackend.generate
 _out = os.path.join(os.environ["MEDGPT_BENCH_TOKENS"], f"rank{os.environ.get('RANK', '0')}.jsonl")
 
 
-def generate(self, prompts):
-    gen = _generate(self, prompts)
-    with open(_out, "a") as f:
-        f.write(json.dumps({"prompts": [list(map(int, p)) for p in prompts], "responses": gen.responses()}) + "\n")
-    return gen
+def recorded(generate):
+    """``generate`` that also appends its prompts and responses to this rank's token file."""
+    def wrapper(self, prompts):
+        gen = generate(self, prompts)
+        with open(_out, "a") as f:
+            f.write(json.dumps({"prompts": [list(map(int, p)) for p in prompts], "responses": gen.responses()}) + "\n")
+        return gen
+    return wrapper
 
 
-backends.HFGenerateBackend.generate = generate  # subclasses (ds_hybrid) inherit it
+generation.HFBackend.generate = recorded(generation.HFBackend.generate)  # subclasses (ds_hybrid) inherit it
+vllm_rollout.VLLMBackend.generate = recorded(vllm_rollout.VLLMBackend.generate)
 sys.argv[0] = os.path.join(ROOT, "launch", "train.py")
 runpy.run_path(sys.argv[0], run_name="__main__")

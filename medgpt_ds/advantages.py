@@ -1,9 +1,10 @@
-"""Advantage and KL math of the RL stages: GAE, whitening, group advantages, KL estimators and
-controllers, reward shaping.
+"""Advantage and KL math of the RL stages: GAE, whitening, group advantages, the critic-free
+estimators (RLOO, REINFORCE++), KL estimators and controllers, reward shaping, and the truncated
+importance weights that correct for a rollout engine whose log-probs differ from the trainer's.
 
 Pure tensor functions and tiny stateful controllers: no engine, no device moves, no collectives
-(the stages reduce across ranks). New advantage estimators (RLOO, REINFORCE++, ...) go here, each
-with a CPU test against hand-derived numbers (tests/test_rollout_math.py).
+(the stages reduce across ranks: ``normalize`` takes the global statistics they reduced). Each
+estimator has a CPU test against hand-derived numbers (tests/test_rollout_math.py).
 """
 
 from __future__ import annotations
@@ -70,6 +71,69 @@ def group_advantages(
         std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(adv[:, :1])
         adv = adv / (std + eps)
     return adv.reshape(-1)
+
+
+def rloo_scores(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each score minus the mean of the OTHER ``group_size - 1`` scores of its prompt's group
+    (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740, eq. 9; Kool et al. 2019).
+
+    ``scores`` is (N,) with each group's samples adjacent. ``r_i - (sum_group - r_i) / (k - 1)`` equals
+    ``k / (k - 1) * (r_i - mean_group)``: an unbiased baseline, since it does not depend on sample i.
+    Returns (N,).
+    """
+    if scores.dim() != 1 or scores.numel() % group_size or group_size < 2:
+        raise ValueError(f"scores must be (N,) with N divisible by group_size={group_size} >= 2, got {tuple(scores.shape)}")
+    grouped = scores.view(-1, group_size)  # (N/k, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted return from each valid token to the end of its response, ``G_t = r_t + gamma G_next``
+    (REINFORCE; "next" is the next valid token, as in ``gae``). With per-token rewards from
+    ``shape_rewards`` this is the critic-free advantage of RLOO / REINFORCE++ (OpenRLHF's
+    ``get_cumulative_returns``). (B, T) in, (B, T) out, zero where masked; no gradient.
+    """
+    rewards = rewards.detach()
+    valid = mask.bool()
+    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    out = torch.zeros_like(rewards)
+    for t in reversed(range(rewards.size(1))):
+        step = rewards[:, t] + gamma * running
+        out[:, t] = torch.where(valid[:, t], step, 0.0)
+        running = torch.where(valid[:, t], step, running)
+    return out
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"n", "sum", "sum_sq"} of ``x`` over the masked entries: what the stages all-reduce (by name) to
+    normalise over the global batch with ``normalize``."""
+    fmask = mask.to(x.dtype)
+    return {"n": fmask.sum(), "sum": (x * fmask).sum(), "sum_sq": (x * x * fmask).sum()}
+
+
+def normalize(x: torch.Tensor, mask: torch.Tensor, n: float, total: float, total_sq: float,
+              eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / std`` with the mean and (population) variance of ``n`` entries summing to ``total``
+    and ``total_sq`` (``masked_moments`` summed over every rank): REINFORCE++'s advantage normalisation
+    over the global batch (Hu 2025, https://arxiv.org/abs/2501.03262, sec. 3; OpenRLHF). Zero where masked."""
+    n = max(float(n), 1.0)
+    mean = float(total) / n
+    var = max(float(total_sq) / n - mean * mean, 0.0)
+    return ((x - mean) / (var + eps) ** 0.5) * mask.to(x.dtype)
+
+
+def truncated_importance_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """Truncated importance sampling for a rollout engine whose sampling distribution differs from the
+    trainer's (vLLM kernels, precision): ``w = min(exp(logp_trainer - logp_engine), cap)`` per token,
+    detached, zero where masked (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; verl's ``tis_imp_ratio_cap``, TRL's ``vllm_importance_sampling_correction``
+    in token_truncate mode). The engine's sampled-token log-probs are the behaviour policy, the
+    trainer's recomputed ones the old policy; the stage multiplies the clipped surrogate by ``w``.
+    """
+    log_w = (trainer_logprobs - engine_logprobs).detach().clamp(max=20.0)  # (B, T); exp(20) ~ 5e8, capped below
+    return torch.exp(log_w).clamp(max=cap) * mask.to(log_w.dtype)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:

@@ -273,6 +273,8 @@ class LoraArguments:
 
 # --- ppo and grpo ----------------------------------------------------------------------------
 
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+
 
 @dataclass
 class RolloutArguments:
@@ -295,7 +297,46 @@ class RolloutArguments:
     rollout_backend: str = field(
         default="hybrid", metadata={"help": "hybrid (gather ZeRO-3 shards once per rollout, generate with the KV "
                                             "cache), per_token (no gather, synced_gpus: slow baseline), ds_hybrid "
-                                            "(DeepSpeed Hybrid Engine, CUDA + OPT/BLOOM/GPT-NeoX/old Llama), vllm (not yet)."})
+                                            "(DeepSpeed Hybrid Engine, CUDA + OPT/BLOOM/GPT-NeoX/old Llama), vllm "
+                                            "(a vLLM engine, weights synced after every optimizer step: --vllm_*)."})
+    vllm_mode: str = field(
+        default="server", metadata={"help": "server: a vLLM server per node, started by the trainer from the rollout "
+                                            "interpreter (or --vllm_server_url), weights pushed through files; the only "
+                                            "mode on CPU. colocate: vLLM inside every rank on its GPU, asleep while "
+                                            "training (CUDA only)."})
+    vllm_server_url: Optional[str] = field(
+        default=None, metadata={"help": "Use a running vLLM server (http://host:port) instead of starting one. It must "
+                                        "run with VLLM_SERVER_DEV_MODE=1, VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, "
+                                        "--logprobs-mode processed_logprobs (and --enable-lora for LoRA) and see "
+                                        "<output_dir>/vllm_weights (shared storage)."})
+    vllm_python: Optional[str] = field(
+        default=None, metadata={"help": "Interpreter that runs the vLLM server (default: .venv-rollout from `make "
+                                        "rollout-env`, else this one if it imports vllm)."})
+    vllm_dtype: str = field(default="auto", metadata={"help": "vLLM weight dtype: auto (the trainer's), float32, "
+                                                              "bfloat16, float16."})
+    vllm_max_model_len: Optional[int] = field(
+        default=None, metadata={"help": "vLLM context length (default max_source_length + max_new_tokens; vLLM refuses "
+                                        "longer requests)."})
+    vllm_gpu_memory_utilization: Optional[float] = field(
+        default=None, metadata={"help": "Fraction of GPU memory vLLM may take (default: vLLM's 0.9 for a server on its "
+                                        "own GPUs, 0.3 in colocate mode)."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallelism (server mode)."})
+    vllm_devices: Optional[str] = field(
+        default=None, metadata={"help": "GPUs of the server the trainer starts (CUDA_VISIBLE_DEVICES, e.g. 6,7): GPUs "
+                                        "the training ranks do not use. Required for server mode on GPUs."})
+    vllm_lora_sync: str = field(
+        default="adapter", metadata={"help": "LoRA runs: adapter (push the adapter only, under a new name every step) or "
+                                             "merged (push base + adapter merged). modules_to_save, MoE expert adapters "
+                                             "and colocate mode always push merged weights."})
+    vllm_importance_sampling_cap: float = field(
+        default=2.0, metadata={"help": "Truncated importance sampling for the engine mismatch: the policy loss is "
+                                       "weighted by min(pi_trainer / pi_vllm, cap) per token (0: off; the mismatch is "
+                                       "logged either way)."})
+    advantage_estimator: Optional[str] = field(
+        default=None, metadata={"help": "gae (ppo: critic + GAE), grpo (group-normalised rewards), rloo (leave-one-out "
+                                        "baseline over the samples of a prompt), reinforce_pp (REINFORCE++: per-token "
+                                        "KL in the reward, advantages normalised over the global batch). Default: gae "
+                                        "for ppo, grpo for grpo; rloo / reinforce_pp train no critic."})
     max_new_tokens: int = field(default=128, metadata={"help": "Response length limit (tokens) per rollout. Alias "
                                                                 "--max_completion_length (TRL, MedicalGPT's ppo/grpo)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy); also scales the "
@@ -315,6 +356,23 @@ class RolloutArguments:
         default=False, metadata={"help": "ZeRO-3: keep the frozen models' (reference, reward) parameters on the CPU."})
 
     def __post_init__(self):
+        if self.vllm_mode not in ("server", "colocate"):
+            raise ValueError(f"--vllm_mode must be server or colocate, got {self.vllm_mode!r}")
+        if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--vllm_dtype must be auto, float32, bfloat16 or float16, got {self.vllm_dtype!r}")
+        if self.vllm_lora_sync not in ("adapter", "merged"):
+            raise ValueError(f"--vllm_lora_sync must be adapter or merged, got {self.vllm_lora_sync!r}")
+        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError("--vllm_gpu_memory_utilization must be in (0, 1]")
+        if self.vllm_tensor_parallel_size <= 0 or (self.vllm_max_model_len is not None and self.vllm_max_model_len <= 0):
+            raise ValueError("--vllm_tensor_parallel_size and --vllm_max_model_len must be positive")
+        if self.vllm_importance_sampling_cap < 0 or 0 < self.vllm_importance_sampling_cap < 1:
+            raise ValueError("--vllm_importance_sampling_cap must be 0 (off) or >= 1")
+        if self.vllm_server_url and not self.vllm_server_url.startswith(("http://", "https://")):
+            raise ValueError(f"--vllm_server_url must start with http:// or https://, got {self.vllm_server_url!r}")
+        if self.advantage_estimator is not None and self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"--advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, "
+                             f"got {self.advantage_estimator!r}")
         if self.rollout_backend not in BACKENDS:
             raise ValueError(f"--rollout_backend must be one of {', '.join(BACKENDS)}, got {self.rollout_backend!r}")
         if self.max_new_tokens <= 0:

@@ -19,6 +19,7 @@ saved ``generation_config`` stop at the chat template's end of turn (trainer exp
 from __future__ import annotations
 
 import importlib
+import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
@@ -34,7 +35,8 @@ from medgpt_ds.errors import UserError
 # factory(engine, tokenizer, params, zero3=..., args=RolloutArguments or None) and returns a
 # GenerationBackend. It may carry two optional hooks, both called before any model is loaded:
 # check(model_type=, device_type=, use_peft=) raises UserError for a setup it cannot run, and
-# patch_ds_config(ds_config, max_tokens) adds what the actor's DeepSpeed config needs.
+# patch_ds_config(ds_config, max_tokens) adds what the actor's DeepSpeed config needs. A factory or
+# check hook that declares a ``cfg`` keyword also gets the run's RunConfig (output dir, lengths, seed).
 BACKENDS = {
     "hybrid": "medgpt_ds.generation:hybrid",
     "per_token": "medgpt_ds.generation:per_token",
@@ -315,11 +317,18 @@ def backend_factory(name: str):
     return getattr(module, attr)
 
 
-def check_backend(name: str, *, model_type: Optional[str], device_type: str, use_peft: bool) -> None:
+def _with_cfg(fn, cfg) -> dict:
+    """``{"cfg": cfg}`` when ``fn`` takes a ``cfg`` keyword (backends that need the run's settings)."""
+    params = inspect.signature(fn).parameters.values()
+    takes = any(p.name == "cfg" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return {"cfg": cfg} if cfg is not None and takes else {}
+
+
+def check_backend(name: str, *, model_type: Optional[str], device_type: str, use_peft: bool, cfg=None) -> None:
     """Refuse a backend that cannot run here, before any model is loaded (UserError, with the way out)."""
     check = getattr(backend_factory(name), "check", None)
     if check is not None:
-        check(model_type=model_type, device_type=device_type, use_peft=use_peft)
+        check(model_type=model_type, device_type=device_type, use_peft=use_peft, **_with_cfg(check, cfg))
 
 
 def patch_ds_config(name: str, ds_config: dict, max_tokens: int) -> None:
@@ -330,9 +339,10 @@ def patch_ds_config(name: str, ds_config: dict, max_tokens: int) -> None:
 
 
 def make_backend(name: str, engine, tokenizer, params: SamplingParams, *, zero3: bool,
-                 args=None) -> GenerationBackend:
+                 args=None, cfg=None) -> GenerationBackend:
     """The rollout backend called ``name`` (see BACKENDS) for the actor ``engine``."""
-    return backend_factory(name)(engine, tokenizer, params, zero3=zero3, args=args)
+    factory = backend_factory(name)
+    return factory(engine, tokenizer, params, zero3=zero3, args=args, **_with_cfg(factory, cfg))
 
 
 def stop_at_end_of_turn(generation_config, tokenizer) -> None:

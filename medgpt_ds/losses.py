@@ -278,10 +278,14 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     num_tokens: float | torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate ``-min(r A, clip(r, 1-eps, 1+eps) A)``, r = exp(logp - old) (Schulman et al. 2017, eq. 7).
 
     Args: logprobs, old_logprobs, advantages, mask: (B, T); reduced with ``num_tokens`` (module docstring).
+    ``is_weights`` (B, T), detached: per-token truncated importance weights of a rollout engine that
+    sampled from a slightly different policy (``advantages.truncated_importance_weights``); they scale
+    the surrogate, as verl's and TRL's vLLM correction does.
 
     Metrics: ``clipfrac`` (tokens where the clipped term is active), ``approx_kl`` (mean 0.5 (logp - old)^2),
     ``ratio`` (mean r); all local masked means.
@@ -290,7 +294,10 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = _masked_reduce(torch.max(pg1, pg2), mask, num_tokens)
+    per_token = torch.max(pg1, pg2)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    loss = _masked_reduce(per_token, mask, num_tokens)
     metrics = {
         "clipfrac": _masked_mean((pg2 > pg1).float(), mask),
         "approx_kl": _masked_mean(0.5 * log_ratio**2, mask),
@@ -336,6 +343,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_tokens: float | torch.Tensor | None = None,
     num_sequences: float | torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """GRPO clipped surrogate plus ``beta * k3`` KL to the reference (Shao et al. 2024, DeepSeekMath eq. 3-4).
 
@@ -354,6 +362,8 @@ def grpo_loss(
         logprobs, old_logprobs, ref_logprobs, mask: (B, T). ``old_logprobs`` None means on-policy (logprobs
             detached); ``ref_logprobs`` may be None when ``beta == 0``.
         advantages: (B,) one per completion, or (B, T).
+        is_weights: (B, T) detached truncated importance weights of the rollout engine (or None); they
+            scale the clipped surrogate, not the KL term (TRL's ``importance_sampling_ratio``).
 
     Metrics (local masked means): ``kl`` (when beta != 0), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
     ``clip_ratio/region_mean``.
@@ -367,6 +377,8 @@ def grpo_loss(
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.min(ratio * advantages, clipped * advantages)  # (B, T)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     metrics: Metrics = {}
     if beta != 0.0:
         if ref_logprobs is None:

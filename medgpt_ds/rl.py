@@ -1,6 +1,8 @@
-"""What the RL stages (ppo.py, grpo.py) and opd.py share before their loops: the checks of their model paths,
-the prompts and their order, the batch arithmetic, rewards, sampling settings, and the actor /
-frozen models. Plain functions; each stage calls them top to bottom.
+"""What the RL stages (ppo.py, grpo.py) and opd.py share: the checks of their model paths, the prompts
+and their order, the batch arithmetic, rewards, sampling settings, the actor / frozen models, and
+inside the RL loops the critic-free advantages, the rollout engine's weight-version check and
+off-policy correction, joining rollouts (dynamic sampling) and the step's time split. Plain
+functions; each stage calls them top to bottom.
 """
 
 from __future__ import annotations
@@ -8,16 +10,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import Optional
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from medgpt_ds import dist, engine as eng
+from medgpt_ds.advantages import (group_advantages, kl_estimate, masked_moments, normalize, reward_to_go, rloo_scores,
+                                  shape_rewards, truncated_importance_weights)
 from medgpt_ds.config import LoraArguments, split_list
-from medgpt_ds.data.loading import load_train_eval
+from medgpt_ds.data.loading import check_answers, load_train_eval
 from medgpt_ds.data.templates import encode_prompt, turn_terminators
 from medgpt_ds.errors import UserError
-from medgpt_ds.generation import SamplingParams
+from medgpt_ds.generation import Generation, SamplingParams
 from medgpt_ds.loop import epoch_order
 from medgpt_ds.model import load_model
 from medgpt_ds.rewards import rule_reward_functions
@@ -89,13 +94,21 @@ def prompts_for(items: list[dict], epoch: int, batch: int, per_rank: int, seed: 
     return [items[i] for i in order[start:start + per_rank]]
 
 
-def reward_functions(a, stage: str) -> list:
-    """[(fn, weight)] of --reward_funcs / --reward_weights; UserError when the stage has no reward at all."""
+def reward_functions(a, stage: str, items: list[dict]) -> list:
+    """[(fn, weight)] of --reward_funcs / --reward_weights; UserError when the stage has no reward at all,
+    DataError when an answer reward is on and no prompt has an answer (the prompts without one are
+    counted in the log: they score 0 there)."""
     names = split_list(a.reward_funcs)
     weights = [float(w) for w in split_list(a.reward_weights)] if a.reward_weights else [1.0] * len(names)
     fns = rule_reward_functions(names, weights)
     if not fns and not a.reward_model_path:
         raise UserError(f"--stage {stage} needs a reward: --reward_model_path and/or --reward_funcs")
+    answer_rewards = [n for n in names if n.startswith("answer_")]
+    if answer_rewards:
+        missing = check_answers(items, f"--reward_funcs {','.join(answer_rewards)}")
+        if missing:
+            dist.print0(f"warning: {missing} of {len(items)} prompts have no 'answer': "
+                        f"{','.join(answer_rewards)} scores them 0")
     return fns
 
 
@@ -138,9 +151,115 @@ def load_frozen(cfg, path: str, model_cls, tokenizer, ds_config: dict):
     return eng.init_frozen_engine(model, ds_config)
 
 
-def timing(generation_s: float, scoring_s: float, training_s: float) -> dict:
-    """Seconds and shares of one step's generation, scoring and training, for the log."""
-    total = max(generation_s + scoring_s + training_s, 1e-9)
+def estimator(a, stage: str) -> str:
+    """--advantage_estimator with the stage's default (ppo: gae, grpo: grpo); UserError for gae in grpo."""
+    est = a.advantage_estimator or ("gae" if stage == "ppo" else "grpo")
+    if est == "gae" and stage != "ppo":
+        raise UserError("--advantage_estimator gae needs a critic: use --stage ppo (grpo takes grpo, rloo, reinforce_pp)")
+    return est
+
+
+def critic_free_advantages(est: str, score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, group_size: int,
+                           kl_coef: float, gamma: float = 1.0, missing_eos_penalty=None,
+                           has_eos=None) -> torch.Tensor:
+    """Per-token advantages (B, T) without a critic (OpenRLHF's estimators): the sequence score
+    (minus ``missing_eos_penalty`` for responses cut at max_new_tokens) is centred per prompt group
+    (``rloo``: leave-one-out; ``grpo``: (r - mean) / std), placed on the last token with ``-kl_coef x
+    kl`` on every token (``advantages.shape_rewards``), and summed to go (``reward_to_go``).
+    ``reinforce_pp`` (REINFORCE++) keeps the raw score and normalises the result over the GLOBAL batch
+    (collective: every rank calls it). Rows of a group are adjacent (``group_size`` per prompt)."""
+    if missing_eos_penalty is not None:
+        score = score - missing_eos_penalty * (~has_eos.bool()).to(score.dtype)
+    if est == "rloo":
+        score = rloo_scores(score, group_size)
+    elif est == "grpo":
+        score = group_advantages(score, group_size)
+    elif est != "reinforce_pp":
+        raise ValueError(f"not a critic-free estimator: {est!r}")
+    adv = reward_to_go(shape_rewards(score, kl, mask, kl_coef), mask, gamma)  # (B, T)
+    if est == "reinforce_pp":
+        m = dist.all_reduce_dict(masked_moments(adv.double(), mask))
+        adv = normalize(adv, mask, m["n"], m["sum"], m["sum_sq"])
+    return adv
+
+
+def reference_kl(old_logps, ref_logps, mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token KL estimate to the reference (B, T), zero where masked (or everywhere without a reference)."""
+    if ref_logps is None:
+        return torch.zeros_like(mask, dtype=torch.float32)
+    return kl_estimate(old_logps, ref_logps, kind).masked_fill(~mask, 0.0)
+
+
+def check_weight_version(gen: Generation, step: int) -> None:
+    """A backend with its own copy of the weights must have generated with the trainer's current step
+    (-1: the engine's own weights, always current). Anything else is a stale-policy rollout."""
+    if gen.weight_version not in (-1, step):
+        raise RuntimeError(f"the rollout came from weights of step {gen.weight_version}, the trainer is at step {step}: "
+                           "the rollout engine missed a weight sync")
+
+
+def engine_correction(gen: Generation, trainer_logps: torch.Tensor, trainer_sampled_logps: torch.Tensor,
+                      cap: float) -> tuple[Optional[torch.Tensor], dict, float]:
+    """Off-policy correction for a rollout engine that reports its sampled tokens' log-probs (vLLM):
+    ``(is_weights (B, R) or None, sums, max |delta|)``. The behaviour policy is the engine's log-prob, the old policy
+    the trainer's recomputed one under the SAME sampling distribution (``trainer_sampled_logps``: after
+    top-k / top-p, as the engine reports it), so only the engines' numerical mismatch is corrected;
+    the weights are ``advantages.truncated_importance_weights`` (None with ``cap`` 0). ``sums`` (to
+    reduce by name): token count, sum |delta log-prob|, sum of k3 KL(engine || trainer), IS weight
+    sum and truncated count (reduce the max with a max)."""
+    mask = gen.response_mask
+    if gen.logprobs is None:
+        return None, {}, 0.0
+    # a token the trainer's truncation would not have kept: -inf, clamped so the metrics stay finite
+    delta = (trainer_sampled_logps.clamp(min=-50.0) - gen.logprobs).masked_fill(~mask, 0.0)  # (B, R)
+    k3 = (torch.expm1(delta) - delta).masked_fill(~mask, 0.0)
+    raw = torch.exp(delta.clamp(max=20.0))
+    weights = truncated_importance_weights(trainer_sampled_logps.clamp(min=-50.0), gen.logprobs, mask, cap) if cap else None
+    sums = {"n": mask.sum(), "abs": delta.abs().sum(), "kl": k3.sum(), "w": (raw * mask).sum(),
+            "clipped": ((raw > cap) & mask).sum() if cap else torch.tensor(0)}
+    return weights, {f"mismatch/{k}": v for k, v in sums.items()}, float(delta.abs().max())
+
+
+def mismatch_metrics(tot: dict, max_abs: float) -> dict:
+    """The logged engine-mismatch metrics from ``engine_correction``'s sums reduced over ranks."""
+    n = max(tot["mismatch/n"], 1.0)
+    return {"rollout/logprob_diff_mean": tot["mismatch/abs"] / n, "rollout/logprob_diff_max": max_abs,
+            "rollout/kl_engine_trainer": tot["mismatch/kl"] / n, "rollout/is_ratio_mean": tot["mismatch/w"] / n,
+            "rollout/is_truncated_frac": tot["mismatch/clipped"] / n}
+
+
+def concat_generations(gens: list[Generation], pad_id: int) -> Generation:
+    """One Generation from several (dynamic sampling's rounds): prompts re-left-padded to the widest,
+    responses re-right-padded; all must come from the same weights."""
+    if len(gens) == 1:
+        return gens[0]
+    if len({g.weight_version for g in gens}) > 1:
+        raise RuntimeError("joined rollouts came from different weight versions")
+    P, R = max(g.prompt_length for g in gens), max(g.response_mask.size(1) for g in gens)
+    seqs, pmask, rmask, lps = [], [], [], []
+    for g in gens:
+        p, r = P - g.prompt_length, R - g.response_mask.size(1)
+        seqs.append(torch.nn.functional.pad(torch.nn.functional.pad(g.sequences, (p, 0), value=pad_id), (0, r),
+                                            value=pad_id))
+        pmask.append(torch.nn.functional.pad(g.prompt_mask, (p, 0), value=False))
+        rmask.append(torch.nn.functional.pad(g.response_mask, (0, r), value=False))
+        if g.logprobs is not None:
+            lps.append(torch.nn.functional.pad(g.logprobs, (0, r), value=0.0))
+    return Generation(torch.cat(seqs), torch.cat(pmask), torch.cat(rmask), torch.cat([g.has_eos for g in gens]),
+                      steps=max(g.steps for g in gens), logprobs=torch.cat(lps) if len(lps) == len(gens) else None,
+                      weight_version=gens[0].weight_version)
+
+
+def backend_stats(backend) -> dict:
+    """The backend's own metrics of its last generate (``stats()``, optional in the protocol)."""
+    stats = getattr(backend, "stats", None)
+    return stats() if stats is not None else {}
+
+
+def timing(generation_s: float, scoring_s: float, training_s: float, weight_sync_s: float = 0.0) -> dict:
+    """Seconds and shares of one step's generation, scoring, training and weight sync, for the log."""
+    total = max(generation_s + scoring_s + training_s + weight_sync_s, 1e-9)
     return {"time/generation_s": generation_s, "time/scoring_s": scoring_s, "time/training_s": training_s,
-            "time/generation_share": generation_s / total, "time/scoring_share": scoring_s / total,
-            "time/training_share": training_s / total}
+            "time/weight_sync_s": weight_sync_s, "time/generation_share": generation_s / total,
+            "time/scoring_share": scoring_s / total, "time/training_share": training_s / total,
+            "time/weight_sync_share": weight_sync_s / total}

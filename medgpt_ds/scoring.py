@@ -1,4 +1,5 @@
 """Scoring rollouts for ppo and grpo: response log-probs under a policy (and under the reference),
+the same log-probs under the top-k / top-p truncated distribution a rollout engine sampled from,
 critic values, reward-model scores, and the sequence reward that combines rule rewards and a reward
 model. Every function reads a ``Generation`` (generation.py) as it is, left padding included.
 """
@@ -6,6 +7,7 @@ model. Every function reads a ``Generation`` (generation.py) as it is, left padd
 from __future__ import annotations
 
 import torch
+from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from medgpt_ds import rewards
 from medgpt_ds.generation import Generation
@@ -29,6 +31,36 @@ def policy_logprobs(model, gen: Generation, temperature: float = 1.0) -> tuple[t
         ~torch.cat([torch.zeros_like(gen.response_mask[:, :1]), gen.response_mask], dim=1), IGNORE_INDEX)
     logps, _ = token_logprobs(logits, labels)  # (B, R)
     return logps, logits[:, :-1]
+
+
+def truncated_logprobs(logits: torch.Tensor, gen: Generation, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs (B, R) of the response tokens under the distribution a sampler actually draws from:
+    ``logits`` (B, R, V; already divided by the temperature, as ``policy_logprobs`` returns them) with
+    top-k, then top-p applied (transformers' warpers: the order and tie rules of ``generate`` and of
+    vLLM's sampler) and renormalised. This is what vLLM reports with ``--logprobs-mode
+    processed_logprobs``; without top-k / top-p it equals the plain log-probs. A token outside the
+    kept set gets -inf. Zero outside ``gen.response_mask``.
+    """
+    B, R, V = logits.shape
+    flat = logits.reshape(B * R, V).float()
+    if top_k > 0:
+        flat = TopKLogitsWarper(top_k)(None, flat)
+    if top_p < 1.0:
+        flat = TopPLogitsWarper(top_p)(None, flat)
+    labels = gen.response_ids.reshape(-1, 1)
+    logps = flat.log_softmax(-1).gather(1, labels).view(B, R)
+    return logps.masked_fill(~gen.response_mask, 0.0)
+
+
+def rollout_logprobs(model, gen: Generation, temperature: float, top_k: int = 0,
+                     top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward, two readings: the response log-probs (B, R) the losses use, and those under the
+    top-k / top-p truncated distribution the tokens were sampled from (``truncated_logprobs``; the same
+    tensor when nothing truncates), which a rollout engine's reported log-probs are compared with."""
+    logps, logits = policy_logprobs(model, gen, temperature)
+    if top_k <= 0 and top_p >= 1.0:
+        return logps, logps
+    return logps, truncated_logprobs(logits, gen, top_k, top_p)
 
 
 def reference_logprobs(actor, ref, gen: Generation, temperature: float) -> torch.Tensor:

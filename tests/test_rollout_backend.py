@@ -143,7 +143,7 @@ def test_reward_model_reads_before_a_final_pad_id(tiny_llama):
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_ds_hybrid_and_vllm_fail_clearly(setup):
+def test_ds_hybrid_and_vllm_fail_clearly(setup, monkeypatch):
     with pytest.raises(DSConfigError, match="CUDA kernels only.*--rollout_backend hybrid"):
         check_backend("ds_hybrid", model_type="llama", device_type="cpu", use_peft=False)
     with pytest.raises(DSConfigError, match="no inference container for model_type 'qwen2'"):
@@ -152,10 +152,24 @@ def test_ds_hybrid_and_vllm_fail_clearly(setup):
         check_backend("ds_hybrid", model_type="llama", device_type="cuda", use_peft=True)
     check_backend("ds_hybrid", model_type="opt", device_type="cuda", use_peft=False)
     check_backend("hybrid", model_type="qwen2", device_type="cpu", use_peft=True)
-    with pytest.raises(UserError, match="vllm is not implemented yet"):
-        check_backend("vllm", model_type="llama", device_type="cuda", use_peft=False)
+    # vllm: colocate mode is CUDA only (one clear error on CPU), a server on GPUs needs GPUs of its own
+    from types import SimpleNamespace
+
+    def run_cfg(**kw):
+        return SimpleNamespace(stage_args=RolloutArguments(rollout_backend="vllm", **kw))
+
+    with pytest.raises(UserError, match="colocate .* needs CUDA GPUs.*--vllm_mode server"):
+        check_backend("vllm", model_type="llama", device_type="cpu", use_peft=False, cfg=run_cfg(vllm_mode="colocate"))
+    from medgpt_ds import vllm_server
+
+    monkeypatch.setattr(vllm_server, "resolve_vllm_python", lambda explicit=None: "/opt/vllm/bin/python")
+    with pytest.raises(UserError, match="--vllm_devices"):
+        check_backend("vllm", model_type="llama", device_type="cuda", use_peft=False, cfg=run_cfg())
+    check_backend("vllm", model_type="llama", device_type="cpu", use_peft=False, cfg=run_cfg())
+    check_backend("vllm", model_type="llama", device_type="cuda", use_peft=False,
+                  cfg=run_cfg(vllm_server_url="http://127.0.0.1:1"))
     tok, model, _ = setup
-    with pytest.raises(UserError, match="vllm is not implemented yet"):
+    with pytest.raises(UserError, match="built by the ppo/grpo stages"):
         make_backend("vllm", _Engine(model), tok, _params(tok), zero3=False)
     with pytest.raises(RuntimeError, match="hybrid_engine block"):
         make_backend("ds_hybrid", _Engine(model), tok, _params(tok), zero3=False)

@@ -50,6 +50,34 @@ def test_grpo_learns_a_rule_reward(tmp_path, assets):
     assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "tokenizer.json")
 
 
+@pytest.mark.smoke
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
+def test_grpo_critic_free_estimators_learn_with_dynamic_sampling(tmp_path, assets, estimator):
+    # the same task with the KL in the reward (beta) and the advantages of RLOO / REINFORCE++; rloo
+    # also runs DAPO's dynamic sampling: groups with all-equal rewards are dropped (counted) and refilled
+    out = tmp_path / estimator
+    extra = ["--dynamic_sampling", "--max_sampling_rounds", "2"] if estimator == "rloo" else []
+    p = train(_args(assets, out, "--reward_funcs", RULE, "--advantage_estimator", estimator, "--beta", "0.04",
+                    "--num_generations", "8", "--per_device_train_batch_size", "32", "--max_new_tokens", "4",
+                    "--top_k", "8", "--max_steps", "14", "--save_steps", "0", *extra))
+    assert f"advantages {estimator}" in p.stdout
+    m = _by_step(out)
+    rewards = [m[s]["reward"] for s in sorted(m)]
+    assert len(rewards) == 14
+    # 32 responses a step make single steps noisy (measured: REINFORCE++ can drop from 1.0 to ~0.1 for a
+    # step when every reward is equal, its batch-normalised advantages are then KL noise), so the second
+    # half's mean is compared with the untrained policy's first step (~0.2-0.35)
+    assert _mean(rewards[7:]) >= rewards[0] + 0.3 and _mean(rewards[7:]) >= 0.6, rewards
+    assert all(r["kl"] >= 0 for r in m.values()) and any(r["kl"] > 0 for r in m.values())
+    if estimator == "rloo":
+        dropped = sum(r["dynamic_sampling/dropped_groups"] for r in m.values())
+        assert dropped > 0 and any(r["dynamic_sampling/rounds"] > 1 for r in m.values())
+        # every step trains on 4 groups; a step that refilled from dropped groups says how many
+        assert all(r["frac_reward_zero_std"] * 4 == pytest.approx(r["dynamic_sampling/filled_groups"]) for r in m.values())
+    else:
+        assert "dynamic_sampling/rounds" not in m[1]
+
+
 @pytest.mark.distributed
 def test_grpo_two_ranks_zero3_different_lengths_and_exact_resume(tmp_path, assets):
     ds = ds_config_copy(tmp_path, "zero3", stage3_param_persistence_threshold=0)

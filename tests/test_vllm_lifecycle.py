@@ -215,6 +215,11 @@ def test_server_command_and_env():
     with pytest.raises(UserError, match="above vLLM's maximum"):
         vs.server_command(vs.ServerConfig(model="/m", python="/py", log_path="/x", enable_lora=True,
                                           max_lora_rank=1024), 1)
+    assert "chunked" not in joined  # GPU servers keep vLLM's chunked prefill
+    # the CPU server: no chunked prefill (seeded requests), and a step budget that fits the longest prompt
+    cpu = " ".join(vs.server_command(vs.ServerConfig(model="/m", python="/py", log_path="/x", max_model_len=4096,
+                                                     chunked_prefill=False), 1))
+    assert "--no-enable-chunked-prefill --max-num-batched-tokens 4096" in cpu
 
 
 @pytest.mark.vllm

@@ -6,6 +6,10 @@ https://arxiv.org/abs/2503.14476. Each step: num_generations responses to each p
 backend, default "hybrid": ZeRO-3 shards gathered once, KV-cached generate), rewards from rules
 (format, answer match, module:function) and/or a reward model, advantages (r - mean_group) /
 std_group, then num_iterations passes of the clipped objective with beta x k3 KL to the reference.
+--advantage_estimator rloo (Ahmadian et al., https://arxiv.org/abs/2402.14740) or reinforce_pp
+(REINFORCE++, https://arxiv.org/abs/2501.03262) put the KL into the reward instead; --dynamic_sampling
+(DAPO) drops groups whose rewards are all equal and tops up from the next prompts. With
+--rollout_backend vllm the loss is weighted by truncated importance ratios of the engine mismatch.
 Data: MedicalGPT's `question`/`answer` records, `prompt`/`answer`, or sft conversations.
 
     deepspeed --num_gpus 8 launch/train.py --stage grpo --model_name_or_path outputs/sft \
@@ -34,7 +38,7 @@ from medgpt_ds.logprobs import entropy_from_logits
 from medgpt_ds.losses import GRPO_LOSS_TYPES, grpo_loss
 from medgpt_ds.model import load_tokenizer
 from medgpt_ds.run_state import RunState, TrainState, debug_fault
-from medgpt_ds.scoring import in_chunks, policy_logprobs, reference_logprobs, sequence_rewards
+from medgpt_ds.scoring import in_chunks, policy_logprobs, reference_logprobs, rollout_logprobs, sequence_rewards
 
 LOSS_ALIASES = {"sequence": "grpo", "token": "bnpo"}
 
@@ -57,9 +61,18 @@ class Arguments(RolloutArguments):
                                                                           "default --epsilon)."})
     scale_rewards: bool = field(default=True, metadata={"help": "Divide advantages by the group std (False: Dr. GRPO)."})
     num_iterations: int = field(default=1, metadata={"help": "Passes over each rollout (mu in the paper)."})
+    dynamic_sampling: bool = field(
+        default=False, metadata={"help": "DAPO dynamic sampling: drop prompt groups whose rewards are all equal (no "
+                                         "advantage) and generate for the next prompts until every rank has "
+                                         "rollout_batch_size groups with a signal (counted in the log)."})
+    max_sampling_rounds: int = field(
+        default=3, metadata={"help": "Dynamic sampling: at most this many extra generation rounds per step; groups "
+                                     "still missing then are filled with dropped ones (zero advantage, counted)."})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_sampling_rounds < 0:
+            raise ValueError("--max_sampling_rounds must be >= 0")
         self.loss_type = LOSS_ALIASES.get(self.loss_type, self.loss_type)
         if self.loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"--loss_type must be one of {', '.join(GRPO_LOSS_TYPES)} (or token, sequence), "
@@ -75,6 +88,7 @@ class Arguments(RolloutArguments):
 def run(cfg) -> Optional[TrainState]:
     t, d, a = cfg.train, cfg.data, cfg.stage_args or Arguments()
     micro, ga, G = t.per_device_train_batch_size, t.gradient_accumulation_steps, a.num_generations
+    est = rl.estimator(a, t.stage)
 
     # 1. setup: checks, tokenizer, prompts, batch arithmetic, rewards, sampling
     policy_path = rl.check_model_paths(cfg, a)
@@ -82,7 +96,7 @@ def run(cfg) -> Optional[TrainState]:
     dist.announce()
     model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
     generation.check_backend(a.rollout_backend, model_type=model_config.model_type, device_type=dist.device().type,
-                             use_peft=cfg.lora.use_peft)
+                             use_peft=cfg.lora.use_peft, cfg=cfg)
     resume = checkpoint.prepare_output_dir(cfg)
     model_args = dataclasses.replace(cfg.model, model_name_or_path=policy_path)
     tokenizer = load_tokenizer(model_args)
@@ -93,9 +107,11 @@ def run(cfg) -> Optional[TrainState]:
     steps_per_epoch, total_steps = rl.prompt_steps(cfg, len(items), n_prompts, G)
     minibatches = n_prompts * G // (micro * ga)
     total_updates = total_steps * a.num_iterations * minibatches
-    need_old = a.num_iterations > 1 or minibatches > 1  # else the update is on-policy: ratio = 1 exactly
-    reward_fns = rl.reward_functions(a, t.stage)
+    kl_in_reward = est != "grpo" and a.beta != 0  # rloo / reinforce_pp: beta x KL per token in the reward
+    loss_beta = a.beta if est == "grpo" else 0.0
+    reward_fns = rl.reward_functions(a, t.stage, items)
     params = rl.sampling_params(a, tokenizer)
+    truncation = (a.top_k, a.top_p) if a.temperature > 0 else (0, 1.0)  # what the sampler drew from
     set_seed(t.seed)
 
     # 2. engines: actor (trained), reference and reward model (frozen), rollout backend
@@ -113,13 +129,26 @@ def run(cfg) -> Optional[TrainState]:
     if a.reward_model_path:
         reward_engine = rl.load_frozen(cfg, a.reward_model_path, AutoModelForSequenceClassification, tokenizer,
                                        frozen_config)
-    backend = generation.make_backend(a.rollout_backend, actor, tokenizer, params, zero3=zero3, args=a)
+    backend = generation.make_backend(a.rollout_backend, actor, tokenizer, params, zero3=zero3, args=a, cfg=cfg)
     dist.print0(f"grpo: {n_prompts} prompts x {G} responses per rank per step ({n_prompts * world * G} in all), "
-                f"{minibatches} minibatch(es) x {a.num_iterations} iteration(s) per step, loss {a.loss_type}")
+                f"{minibatches} minibatch(es) x {a.num_iterations} iteration(s) per step, loss {a.loss_type}, "
+                f"advantages {est}" + (f", dynamic sampling (up to {a.max_sampling_rounds} extra rounds)"
+                                       if a.dynamic_sampling else ""))
 
     def hf_meta(tag_dir: str) -> None:
         write_hf_meta(tag_dir, actor.module, tokenizer, model_kind="causal_lm", base_model=policy_path,
                       torch_dtype=str(next(actor.module.parameters()).dtype))
+
+    sync_times: list[float] = []  # the backend's weight-sync seconds inside this step's generate calls
+
+    def rollout(batch: int):
+        """Generate and score the prompt batch ``batch`` (counted over epochs): (gen, score, parts)."""
+        prompts = rl.prompts_for(items, batch // steps_per_epoch, batch % steps_per_epoch, n_prompts, t.seed)
+        gen = backend.generate([p["prompt_ids"] for p in prompts for _ in range(G)])
+        sync_times.append(rl.backend_stats(backend).get("weight_sync/seconds", 0.0))
+        score, parts = sequence_rewards(gen, [p["answer"] for p in prompts for _ in range(G)], tokenizer,
+                                        reward_fns, reward_engine, a.reward_model_weight, micro)
+        return gen, score, parts
 
     # ranks sample from their own streams (same-seeded ranks would draw the same tokens for similar
     # prompts); set after every model is built, before a resume restores each rank's stream
@@ -135,25 +164,42 @@ def run(cfg) -> Optional[TrainState]:
     with closing(backend):
         while state.global_step < total_steps:
             debug_fault(state.global_step + 1)
-            # rollout: the G responses of a prompt are adjacent rows on the same rank
+            # rollout: the G responses of a prompt are adjacent rows on the same rank; the prompt batch
+            # cursor is checkpointed (dynamic sampling may use several batches per step)
             t0 = time.perf_counter()
-            prompts = rl.prompts_for(items, state.epoch, state.step_in_epoch, n_prompts, t.seed)
-            gen = backend.generate([p["prompt_ids"] for p in prompts for _ in range(G)])
+            cursor = state.extra.get("prompt_batches", state.epoch * steps_per_epoch + state.step_in_epoch)
+            sync_times.clear()
+            gen, score, parts = rollout(cursor)
+            rounds, ds = 1, {}
+            if a.dynamic_sampling:
+                gen, score, parts, rounds, ds = dynamic_sampling(gen, score, parts, rollout, cursor, G, n_prompts,
+                                                                 a.max_sampling_rounds, tokenizer.pad_token_id)
+            rl.check_weight_version(gen, actor.global_steps)
+            sync_s = sum(sync_times)
             t1 = time.perf_counter()
 
-            # score: rewards, group advantages, old and reference log-probs
+            # score: advantages, old (trainer) and reference log-probs, the engine mismatch correction
             mask = gen.response_mask
-            score, parts = sequence_rewards(gen, [p["answer"] for p in prompts for _ in range(G)], tokenizer,
-                                            reward_fns, reward_engine, a.reward_model_weight, micro)
-            advantages = group_advantages(score, G, scale_std=a.scale_rewards)  # (B,)
-            old_logps = in_chunks(lambda g: policy_logprobs(actor, g, temperature)[0], gen, micro) if need_old else None
+            need_old = a.num_iterations > 1 or minibatches > 1 or gen.logprobs is not None or kl_in_reward
+            old_logps = sampled_logps = None  # None: on-policy, the ratio is exactly 1
+            if need_old:
+                old_logps, sampled_logps = in_chunks(lambda g: rollout_logprobs(actor, g, temperature, *truncation),
+                                                     gen, micro)
             ref_logps = (in_chunks(lambda g: reference_logprobs(actor, ref, g, temperature), gen, micro)
                          if a.beta != 0 else None)
+            if est == "grpo":
+                advantages = group_advantages(score, G, scale_std=a.scale_rewards)  # (B,)
+                kl = None
+            else:
+                kl = rl.reference_kl(old_logps, ref_logps, mask, a.kl_estimator)
+                advantages = rl.critic_free_advantages(est, score, kl, mask, G, a.beta)  # (B, R)
+            is_weights, mismatch, max_diff = rl.engine_correction(gen, old_logps, sampled_logps,
+                                                                  a.vllm_importance_sampling_cap)
             t2 = time.perf_counter()
 
             # train: num_iterations over shuffled minibatches of micro x grad_accum responses
             sums: dict[str, float] = {}
-            loss_sum = 0.0
+            loss_sum = sync_train = 0.0
             g = torch.Generator().manual_seed(t.seed * 1000003 + state.global_step)
             for _ in range(a.num_iterations):
                 perm = torch.randperm(len(gen), generator=g)
@@ -167,11 +213,12 @@ def run(cfg) -> Optional[TrainState]:
                         sub = gen.select(idx)
                         logps, logits = policy_logprobs(actor, sub, temperature)
                         loss, m = grpo_loss(logps, None if old_logps is None else old_logps[idx],
-                                            None if ref_logps is None else ref_logps[idx], advantages[idx],
-                                            sub.response_mask, beta=a.beta, eps_low=a.epsilon,
+                                            None if ref_logps is None or loss_beta == 0 else ref_logps[idx],
+                                            advantages[idx], sub.response_mask, beta=loss_beta, eps_low=a.epsilon,
                                             eps_high=a.epsilon_high or a.epsilon, loss_type=a.loss_type,
                                             max_completion_length=a.max_new_tokens, num_tokens=num_tokens,
-                                            num_sequences=num_sequences)
+                                            num_sequences=num_sequences,
+                                            is_weights=None if is_weights is None else is_weights[idx])
                         actor.backward(loss)
                         actor.step()
                         loss_sum += loss.item() / (world * ga)
@@ -181,28 +228,76 @@ def run(cfg) -> Optional[TrainState]:
                         for k, v in {"entropy": entropy.sum().item() / max(n, 1.0), **m}.items():
                             sums[k] = sums.get(k, 0.0) + float(v) * n
                         sums["_tokens"] = sums.get("_tokens", 0.0) + n
+                    ts = time.perf_counter()
                     backend.update_weights(actor.global_steps)
+                    sync_train += time.perf_counter() - ts
             t3 = time.perf_counter()
 
             # bookkeeping: metrics over all ranks (by name), log, checkpoint, stop signal
             grouped = score.view(-1, G)
             zero_std = (grouped.std(dim=1) < 1e-6).sum() if G > 1 else torch.tensor(0)
+            reward_kl = {} if kl is None else {"reward_kl": kl.sum()}
             tot = dist.all_reduce_dict({"n_seq": len(gen), "score": score.sum(), "score_sq": (score ** 2).sum(),
                                         "n_tok": mask.sum(), "eos": gen.has_eos.sum(), "zero_std": zero_std,
                                         "loss": loss_sum, **{f"sum/{k}": v for k, v in sums.items()},
-                                        **{f"reward/{k}": v.sum() for k, v in parts.items()}})
+                                        **{f"reward/{k}": v.sum() for k, v in parts.items()}, **reward_kl,
+                                        **mismatch, **ds})
             n_seq, n_tok = tot["n_seq"], tot["n_tok"]
-            steps = dist.all_reduce_max(torch.tensor([-gen.steps, gen.steps], device=dist.device())).tolist()
+            steps = dist.all_reduce_max(torch.tensor([-gen.steps, gen.steps, max_diff], dtype=torch.float64,
+                                                     device=dist.device())).tolist()
             rec = {"loss": tot["loss"] / (a.num_iterations * minibatches), "reward": tot["score"] / n_seq,
                    "reward_std": math.sqrt(max(tot["score_sq"] / n_seq - (tot["score"] / n_seq) ** 2, 0.0)),
                    "frac_reward_zero_std": tot["zero_std"] / (n_seq / G), "response_length": n_tok / n_seq,
                    "eos_fraction": tot["eos"] / n_seq, "generation_steps_min": -steps[0],
-                   "generation_steps_max": steps[1]}
+                   "generation_steps_max": steps[1], "rollout/weight_version": float(gen.weight_version)}
             rec.update({k: tot[f"sum/{k}"] / tot["sum/_tokens"] for k in sorted(sums) if k != "_tokens"})
             rec.update({f"reward/{k}": tot[f"reward/{k}"] / n_seq for k in sorted(parts)})
-            rec.update(rl.timing(t1 - t0, t2 - t1, t3 - t2))
+            if kl is not None:
+                rec["kl"] = tot["reward_kl"] / max(n_tok, 1.0)  # token-mean KL to the reference (in the reward)
+            if mismatch:
+                rec.update(rl.mismatch_metrics(tot, steps[2]))
+            if ds:
+                rec.update({k: tot[k] for k in ds})
+                rec["dynamic_sampling/rounds"] = float(rounds)
+            rec.update(rl.timing(t1 - t0 - sync_s, t2 - t1, t3 - t2 - sync_train, sync_s + sync_train))
             rec["lr"] = actor.get_lr()[0]
-            run_state.after_step(n_prompts * world, rec)
+            state.extra["prompt_batches"] = cursor + rounds
+            run_state.after_step(n_prompts * world * rounds, rec)
             if run_state.should_stop():
                 return state
     return run_state.finish()
+
+
+def dynamic_sampling(gen, score, parts, rollout, cursor: int, G: int, n_prompts: int, max_rounds: int, pad_id: int):
+    """DAPO's dynamic sampling (Yu et al. 2025, https://arxiv.org/abs/2503.14476, sec. 3.2): keep the
+    prompt groups whose G rewards are not all equal, generate for the next prompt batches until this
+    rank has ``n_prompts`` of them or ``max_rounds`` extra rounds ran (rounds are collective: every rank
+    runs as many as the neediest), fill what is still missing with dropped groups (zero advantage).
+    Returns (gen, score, parts, rounds, counts) with counts summed over ranks by the caller."""
+    kept, dropped = [], []  # (generation, score, parts) of single groups
+    counts = {"dynamic_sampling/dropped_groups": 0, "dynamic_sampling/surplus_groups": 0,
+              "dynamic_sampling/filled_groups": 0}
+    rounds = 0
+    while True:
+        rounds += 1
+        equal = (score.view(-1, G).std(dim=1) < 1e-6).tolist() if G > 1 else [False] * (len(score) // G)
+        for i, flat in enumerate(equal):
+            group = (gen.select(slice(i * G, (i + 1) * G)), score[i * G:(i + 1) * G],
+                     {k: v[i * G:(i + 1) * G] for k, v in parts.items()})
+            if flat:
+                dropped.append(group)
+                counts["dynamic_sampling/dropped_groups"] += 1
+            elif len(kept) < n_prompts:
+                kept.append(group)
+            else:
+                counts["dynamic_sampling/surplus_groups"] += 1
+        short = torch.tensor([float(len(kept) < n_prompts)], device=dist.device())
+        if not dist.all_reduce_max(short).item() or rounds > max_rounds:
+            break
+        gen, score, parts = rollout(cursor + rounds)
+    while len(kept) < n_prompts:
+        kept.append(dropped.pop(0))
+        counts["dynamic_sampling/filled_groups"] += 1
+    joined = rl.concat_generations([g for g, _, _ in kept], pad_id)
+    return (joined, torch.cat([s for _, s, _ in kept]), {k: torch.cat([p[k] for _, _, p in kept]) for k in parts},
+            rounds, counts)
