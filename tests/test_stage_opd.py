@@ -212,7 +212,9 @@ def test_opd_refuses_another_vocabulary_and_a_4bit_teacher_under_zero3(tmp_path,
     ds = ds_config_copy(tmp_path, "zero3")
     err = error(_args(assets, tmp_path / "q", "--teacher_load_in_4bit", "True", "--deepspeed", ds, "--max_steps", "1"))
     assert err.startswith("error: --teacher_load_in_4bit/8bit: quantized weights cannot be ZeRO-3 partitioned")
-    assert not (tmp_path / "vocab").exists() and not (tmp_path / "q").exists()  # nothing written
+    err = error(_args(assets, tmp_path / "v", "--rollout_backend", "vllm", "--max_steps", "1"))
+    assert err.startswith("error: --rollout_backend vllm (--use_vllm True) is not available for --stage opd")
+    assert not any((tmp_path / d).exists() for d in ("vocab", "q", "v"))  # nothing written
 
     # padded vocabularies: compared over the student's rows; a student with rows the teacher lacks is refused
     assert shared_vocab_size(LlamaConfig(vocab_size=600), LlamaConfig(vocab_size=640), 600, "t") == 600

@@ -239,6 +239,11 @@ def run(cfg) -> Optional[TrainState]:
     student_path, teacher_path = cfg.model.model_name_or_path, a.teacher_model_name_or_path
     if not student_path or cfg.model.model_config:
         raise UserError("--stage opd needs --model_name_or_path: the student to start from (not --model_config)")
+    if a.rollout_backend == "vllm":
+        # the vLLM backend is wired (and tested) for ppo and grpo: their weight-version checks and
+        # off-policy correction; opd samples with the trainer's own generate for now
+        raise UserError("--rollout_backend vllm (--use_vllm True) is not available for --stage opd yet: use "
+                        "--rollout_backend hybrid (the default)")
     if not teacher_path:
         raise UserError("--stage opd needs --teacher_model_name_or_path: the model whose distribution the student "
                         "learns")
