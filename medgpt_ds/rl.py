@@ -13,7 +13,7 @@ import os
 from typing import Optional
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from medgpt_ds import dist, engine as eng
 from medgpt_ds.advantages import (group_advantages, kl_estimate, masked_moments, normalize, reward_to_go, rloo_scores,
@@ -149,6 +149,23 @@ def load_frozen(cfg, path: str, model_cls, tokenizer, ds_config: dict):
                             "(the rm stage's export)")
         model = LastTokenScore(model)
     return eng.init_frozen_engine(model, ds_config)
+
+
+def frozen_engines(cfg, a, tokenizer, ds_config: dict, policy_path: str, with_reference: bool):
+    """The frozen engines of an RL step, after the actor: the reference policy when
+    ``with_reference`` (none for LoRA without --ref_model_path: the reference is then the actor
+    without its adapter) and the reward model of --reward_model_path; --offload_frozen puts their
+    ZeRO-3 parameters on the CPU. Returns (reference or None, reward engine or None)."""
+    if a.offload_frozen and eng.zero_stage(ds_config) != 3:
+        dist.print0("warning: --offload_frozen needs ZeRO-3 (parameter offload); frozen models stay on the device")
+    frozen_config = eng.frozen_ds_config(ds_config, offload_params=a.offload_frozen)
+    ref = reward_engine = None
+    if with_reference and (a.ref_model_path or not cfg.lora.use_peft):
+        ref = load_frozen(cfg, a.ref_model_path or policy_path, AutoModelForCausalLM, tokenizer, frozen_config)
+    if a.reward_model_path:
+        reward_engine = load_frozen(cfg, a.reward_model_path, AutoModelForSequenceClassification, tokenizer,
+                                    frozen_config)
+    return ref, reward_engine
 
 
 def estimator(a, stage: str) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+from transformers import AutoConfig, set_seed
 
 from medgpt_ds import checkpoint, dist, engine as eng, generation, rl
 from medgpt_ds.advantages import group_advantages
@@ -119,16 +119,8 @@ def run(cfg) -> Optional[TrainState]:
                                     num_training_steps=total_updates)
     generation.patch_ds_config(a.rollout_backend, ds_config, d.max_source_length + a.max_new_tokens)
     zero3 = eng.zero_stage(ds_config) == 3
-    if a.offload_frozen and not zero3:
-        dist.print0("warning: --offload_frozen needs ZeRO-3 (parameter offload); frozen models stay on the device")
     actor = rl.load_actor(cfg, model_args, tokenizer, ds_config, total_updates)
-    frozen_config = eng.frozen_ds_config(ds_config, offload_params=a.offload_frozen)
-    ref = reward_engine = None
-    if a.beta != 0 and (a.ref_model_path or not cfg.lora.use_peft):  # LoRA: the actor without its adapter
-        ref = rl.load_frozen(cfg, a.ref_model_path or policy_path, AutoModelForCausalLM, tokenizer, frozen_config)
-    if a.reward_model_path:
-        reward_engine = rl.load_frozen(cfg, a.reward_model_path, AutoModelForSequenceClassification, tokenizer,
-                                       frozen_config)
+    ref, reward_engine = rl.frozen_engines(cfg, a, tokenizer, ds_config, policy_path, with_reference=a.beta != 0)
     backend = generation.make_backend(a.rollout_backend, actor, tokenizer, params, zero3=zero3, args=a, cfg=cfg)
     dist.print0(f"grpo: {n_prompts} prompts x {G} responses per rank per step ({n_prompts * world * G} in all), "
                 f"{minibatches} minibatch(es) x {a.num_iterations} iteration(s) per step, loss {a.loss_type}, "
