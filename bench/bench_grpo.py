@@ -27,12 +27,11 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (ROOT, SHARED_DATA, bench_ds_config, bench_env, interleave, launcher, median_after, run,  # noqa: E402
-                    tagged_json, write_result)
+                    step_clock, tagged_json, write_result)
 
 GRPO_SAMPLE = os.path.join(SHARED_DATA, "grpo", "sample.jsonl")
 REWARDS = "format,answer_normalized"
@@ -126,7 +125,7 @@ def trl_peer(a) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     ds = datasets.load_dataset("json", data_files=a.data, split="train")
@@ -139,18 +138,10 @@ def trl_peer(a) -> None:
                      lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
                      disable_tqdm=True, bf16=False, fp16=False, gradient_checkpointing=False,
                      use_cpu=not torch.cuda.is_available(), deepspeed=a.deepspeed, seed=42)
-    ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if not ends:
-                ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
+    clock, ends = step_clock()
 
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward(n) for n in REWARDS.split(",")], args=cfg,
-                          train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+                          train_dataset=ds, processing_class=tok, callbacks=[clock])
     trainer.train()
     from medgpt_ds.dist import unlink_cpu_shm_segment
 

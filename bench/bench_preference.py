@@ -28,12 +28,11 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (PAIRS_SAMPLE, ROOT, bench_ds_config, bench_env, interleave, launcher, median_after, run,  # noqa: E402
-                    tagged_json, write_result)
+                    step_clock, tagged_json, write_result)
 
 GROUPS = {"live-gc_off": ("live", False), "live-gc_on": ("live", True), "precomputed-gc_off": ("precomputed", False),
           "precomputed-gc_on": ("precomputed", True)}
@@ -122,7 +121,7 @@ def trl_peer(a) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     ds = datasets.load_dataset("json", data_files=a.data, split="train")
@@ -136,17 +135,9 @@ def trl_peer(a) -> None:
                     gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=not torch.cuda.is_available(),
                     deepspeed=a.deepspeed)
     per_batch: list[int] = []
-    ends: list[float] = []
+    clock, ends = step_clock()
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if not ends:
-                ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
-    trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[clock])
     collate = trainer.data_collator
 
     def counting(features):

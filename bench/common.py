@@ -294,3 +294,23 @@ def shape_params(shape: str, vocab_size: Optional[int] = None) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
     return sum(p.numel() for p in model.parameters())
+
+
+def step_clock():
+    """A transformers ``TrainerCallback`` for the peers' step times: ``ends`` gets the time at the
+    first step's start, then at every step's end (step times are its differences). Returns
+    (callback, ends)."""
+    from transformers import TrainerCallback
+
+    ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if not ends:
+                ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    return StepClock(), ends
+

@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,9 +107,10 @@ def main() -> None:
 
     import datasets
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from medgpt_ds.data.formats import load_records
+    from common import step_clock  # bench/, this script's folder
     from medgpt_ds.metrics import attended_keys, compute_dtype, model_flops, peak_flops
 
     cuda = torch.cuda.is_available()
@@ -172,17 +172,9 @@ def main() -> None:
                     "attention_mask": block_diagonal_mask(segments, dtype)}
 
     trainer.data_collator = counting
-    ends: list[float] = []
+    clock, ends = step_clock()
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if not ends:
-                ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
-    trainer.add_callback(Clock())
+    trainer.add_callback(clock)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
