@@ -161,24 +161,27 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo(chat, generation_config(args), args.system_prompt, args.title)
     # system fonts: the default theme links web fonts, which a closed network cannot fetch
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    app, _, _ = demo.queue(default_concurrency_limit=1, max_size=args.max_queue).launch(
+    # /health is one of the app's own routes from the start: added after launch() it answered 404
+    # until the main thread got to it, while the page itself was already up (seen once in CI)
+    demo.queue(default_concurrency_limit=1, max_size=args.max_queue).launch(
         server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, theme=theme,
-        auth=auth, footer_links=[], prevent_thread_lock=True)
-    add_health_route(app, chat, args.stall_timeout)
+        auth=auth, footer_links=[], prevent_thread_lock=True,
+        app_kwargs={"routes": [health_route(chat, args.stall_timeout)]})
     demo.block_thread()  # until Ctrl-C; SIGTERM ends the process at once (gradio sets no handler for it)
     return 0
 
 
-def add_health_route(app, chat: ChatModel, stall_timeout: float) -> None:
+def health_route(chat: ChatModel, stall_timeout: float):
     """GET /health on the demo's server (no login): 200 {"status": "ok", ...}, or 503 "unhealthy"
     with the reason once the running generation has made no token for ``stall_timeout`` seconds."""
     from fastapi.responses import JSONResponse
+    from fastapi.routing import APIRoute
 
     async def health() -> JSONResponse:
         state = chat.health(stall_timeout)
         return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
 
-    app.add_api_route("/health", health, methods=["GET"])
+    return APIRoute("/health", health, methods=["GET"])
 
 
 if __name__ == "__main__":
