@@ -39,6 +39,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(server: subprocess.Popen, log: Path) -> None:
+    """SIGTERM must end the web demo (killed, and the test failed, if it does not within 30 s)."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+        pytest.fail(f"SIGTERM did not stop the web demo:\n{log.read_text()[-3000:]}")
+
+
 @pytest.mark.smoke
 def test_web_demo_in_headless_chromium(echo_model_dir, tmp_path):
     for path, pkg in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
@@ -157,13 +168,7 @@ def test_web_demo_in_headless_chromium(echo_model_dir, tmp_path):
     finally:
         if driver is not None:
             driver.quit()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-            pytest.fail(f"SIGTERM did not stop the web demo:\n{log.read_text()[-3000:]}")
+        stop(server, log)
     shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
 
 
@@ -224,9 +229,4 @@ def test_web_demo_queue_full_is_refused_and_the_model_stays_free(echo_model_dir,
         h = health()
         assert (h["status"], h["running"], h["failed"], h["completed"]) == ("ok", False, 0, 1), h
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, log)
