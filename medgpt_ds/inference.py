@@ -21,6 +21,7 @@ import queue
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -358,31 +359,40 @@ class ChatModel:
         channel.thread.start()
         return TextStream(channel)
 
-    @torch.no_grad()
     def _stream_worker(self, prompt: list[int], params: SamplingParams, seed: int | None, ch: _Channel) -> None:
         """The generation thread of one stream: waits for its turn (giving up when cancelled), generates,
         and always ends the channel, so neither the consumer nor the next request can be left waiting.
         The turn is taken and released here, never in the consumer's thread."""
         try:
-            if not self.turns.acquire(ch.cancel):
-                ch.completion = Completion("", len(prompt), 0, "cancelled")
-                self._count("cancelled")
-                return
-            try:
-                backend = self._backend(params, streamer=_PieceStreamer(self.tokenizer, ch), cancel=ch.cancel)
-                gen = self._run(seed, lambda: backend.generate([prompt]))
-            finally:
-                self.turns.release()
-            ch.completion = self._completion(gen.responses()[0], bool(gen.has_eos[0]), len(prompt), params,
-                                             text=ch.text[:ch.sent], stopped=ch.stopped, closed=ch.closed)
-            self._count("cancelled" if ch.completion.finish_reason == "cancelled" else "completed")
+            self._stream_generate(prompt, params, seed, ch)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, who re-raises it
+            traceback.clear_frames(e.__traceback__)  # keeps the lines; drops the frames' tensors (see below)
             ch.error = e
             self._count("failed")
         finally:
             with self._counts_lock:
                 self._live.discard(ch)
+            # Every tensor of the generation is freed by now (they lived in _stream_generate's frame).
+            # Freed after the end is posted, a tensor's C++ destructor could still be running in this
+            # (daemon) thread when the consumer's process exits: Python then ends the thread inside it
+            # and the process aborts ("terminate called without an active exception", exit 134; seen in
+            # 4 of 12 runs of tools/chat.py --prompt).
             ch.finish()
+
+    @torch.no_grad()
+    def _stream_generate(self, prompt: list[int], params: SamplingParams, seed: int | None, ch: _Channel) -> None:
+        if not self.turns.acquire(ch.cancel):
+            ch.completion = Completion("", len(prompt), 0, "cancelled")
+            self._count("cancelled")
+            return
+        try:
+            backend = self._backend(params, streamer=_PieceStreamer(self.tokenizer, ch), cancel=ch.cancel)
+            gen = self._run(seed, lambda: backend.generate([prompt]))
+        finally:
+            self.turns.release()
+        ch.completion = self._completion(gen.responses()[0], bool(gen.has_eos[0]), len(prompt), params,
+                                         text=ch.text[:ch.sent], stopped=ch.stopped, closed=ch.closed)
+        self._count("cancelled" if ch.completion.finish_reason == "cancelled" else "completed")
 
 
 class _Channel:

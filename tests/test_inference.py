@@ -143,6 +143,32 @@ def test_stream_pieces_add_up_and_hold_back_stop_strings(chat):
 
 
 @pytest.mark.unit
+def test_a_stream_frees_its_tensors_before_it_ends(chat, monkeypatch):
+    """The generation's tensors are freed in the generation thread before the stream's end is posted:
+    freed after it, a tensor's destructor could still run in that daemon thread while the caller's
+    process exits, and the process aborted ("terminate called without an active exception", exit
+    134, in about a third of `tools/chat.py --prompt` runs)."""
+    import weakref
+
+    from medgpt_ds import generation
+
+    alive = []
+    real = generation.HFBackend.generate
+
+    def generate(self, prompts):
+        gen = real(self, prompts)
+        alive.append(weakref.ref(gen.sequences))
+        return gen
+
+    monkeypatch.setattr(generation.HFBackend, "generate", generate)
+    s = chat.stream(user("q"))
+    at_end = []
+    s.add_done_callback(lambda c: at_end.append([r() is not None for r in alive]))  # in the generation thread
+    assert "".join(s) == ANSWER
+    assert at_end == [[False]], at_end  # one generation, and its output was gone when the stream ended
+
+
+@pytest.mark.unit
 def test_base_plus_lora_adapter(model_dir, adapter_dir):
     from medgpt_ds.inference import ChatModel, resolve_paths
 
