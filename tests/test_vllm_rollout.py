@@ -14,7 +14,8 @@ launch pairs and one single launch, each server start shared by several assertio
 - ppo with RLOO, 1 rank, LoRA pushed as an adapter under a new name every step: the trainer is
   SIGKILLed mid-run (no vLLM process survives it), resumed, and the adapter vLLM serves after the
   resume is the resumed one.
-- grpo, 1 rank, against a server the test started (--vllm_server_url): used, checked, left running.
+- grpo, 1 rank, LoRA pushed as merged base + adapter weights (--vllm_lora_sync merged), against a
+  server the test started without LoRA support (--vllm_server_url): used, checked, left running.
 
 The model is a 2-layer Llama with head_dim 32 (vLLM's CPU attention has no smaller head size) and
 wide initial weights, so answers depend on the prompt and greedy steps are no near-ties.
@@ -209,8 +210,9 @@ def test_ppo_rloo_lora_adapter_survives_sigkill_and_resumes(tmp_path, assets):
     assert _gone(assets["actor"]) == []
 
 
-def test_grpo_with_vllm_server_url_uses_and_leaves_an_external_server(tmp_path, assets):
-    # a server started elsewhere (here: by the test) with the settings connect() documents
+def test_grpo_lora_merged_with_vllm_server_url_uses_and_leaves_an_external_server(tmp_path, assets):
+    # a server started elsewhere (here: by the test) with the settings connect() documents; merged LoRA
+    # weights are full weights to it (no --enable-lora needed)
     server = vs.start_server(vs.ServerConfig(model=assets["actor"], python=VLLM_PYTHON, log_path=str(tmp_path / "vllm.log"),
                                              dtype="float32", max_model_len=512, chunked_prefill=False))
     try:
@@ -218,16 +220,22 @@ def test_grpo_with_vllm_server_url_uses_and_leaves_an_external_server(tmp_path, 
         args = ["--stage", "grpo", "--model_name_or_path", assets["actor"], "--template_name", "chatml",
                 "--train_file_dir", "data/demo/grpo", "--rollout_backend", "vllm_probe", "--vllm_server_url",
                 server.url, "--reward_funcs", RULE, "--num_generations", "4", "--per_device_train_batch_size", "8",
-                "--max_new_tokens", "4", "--learning_rate", "1e-2", "--max_steps", "3", "--save_steps", "0",
+                "--max_new_tokens", "4", "--use_peft", "--lora_rank", "8", "--vllm_lora_sync", "merged",
+                "--learning_rate", "5e-2", "--max_steps", "3", "--save_steps", "0",
                 "--logging_steps", "1", "--report_to", "none", "--output_dir", str(out)]
-        _run(1, args, _probe_env(assets, log))
+        p = _run(1, args, _probe_env(assets, log))
+        assert "full weights synced before each rollout" in p.stdout
         probes = _probes(log, 1)
+        # after every push vLLM answers as transformers on the trainer's current weights (base + adapter),
+        # and the trained adapter changed its answers
         _check_probes(probes)
         assert [p["version"] for p in probes[0]] == [0, 1, 2]
+        assert all(p["adapter"] is None for p in probes[0])  # served as the model's own weights, no adapter
         assert [r["rollout/weight_version"] for r in metrics(out)] == [0.0, 1.0, 2.0]
         # the trainer neither started nor stopped it: still serving the last pushed weights; the pushed files
         # (under the output dir, which a remote server must see) are removed at the end
         assert server.alive() and server.client.healthy() and server.client.weight_version() == 2
         assert not os.path.exists(out / "vllm_weights") and not os.path.exists(out / "logs" / "vllm_server.log")
+        assert os.path.isfile(out / "adapter_model.safetensors") and not os.path.isfile(out / "model.safetensors")
     finally:
         server.close()
