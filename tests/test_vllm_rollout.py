@@ -11,9 +11,9 @@ launch pairs and one single launch, each server start shared by several assertio
   rises; a rank fails at step 6 (after the checkpoint of step 4), the launcher tears everything down
   and no vLLM process is left; the resumed run's first rollout is generated with the resumed weights
   (version 4, and not the starting policy's answers) and the run finishes.
-- ppo with RLOO, 1 rank, LoRA pushed as an adapter under a new name every step: the trainer is
-  SIGKILLed mid-run (no vLLM process survives it), resumed, and the adapter vLLM serves after the
-  resume is the resumed one.
+- ppo with RLOO and dynamic sampling (extra rollouts at the same weights), 1 rank, LoRA pushed as an
+  adapter under a new name every step: the trainer is SIGKILLed mid-run (no vLLM process survives
+  it), resumed, and the adapter vLLM serves after the resume is the resumed one.
 - grpo, 1 rank, LoRA pushed as merged base + adapter weights (--vllm_lora_sync merged), against a
   server the test started without LoRA support (--vllm_server_url): used, checked, left running.
 
@@ -173,7 +173,7 @@ def test_ppo_rloo_lora_adapter_survives_sigkill_and_resumes(tmp_path, assets):
     args = ["--stage", "ppo", "--sft_model_path", assets["actor"], "--template_name", "chatml",
             "--train_file_dir", "data/demo/grpo", "--rollout_backend", "vllm_probe", "--reward_funcs", RULE,
             "--advantage_estimator", "rloo", "--num_generations", "4", "--per_device_train_batch_size", "8",
-            "--max_new_tokens", "4", "--use_peft", "--lora_rank", "8", "--learning_rate", "5e-2",
+            "--dynamic_sampling", "--max_sampling_rounds", "1", "--max_new_tokens", "4", "--use_peft", "--lora_rank", "8", "--learning_rate", "5e-2",
             "--lr_scheduler_type", "constant", "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1",
             "--report_to", "none", "--output_dir", str(out)]
     proc = subprocess.Popen(_cmd(1, args), cwd=ROOT, env=env(**_probe_env(assets, log)), stdout=subprocess.DEVNULL,
@@ -206,6 +206,8 @@ def test_ppo_rloo_lora_adapter_survives_sigkill_and_resumes(tmp_path, assets):
     assert len({p["adapter"] for p in probes}) == len(probes)  # a new adapter name at every push, across runs
     m = _by_step(out)
     assert sorted(m) == list(range(1, 7)) and all(m[s]["rollout/logprob_diff_max"] < 1e-4 for s in m)
+    # dynamic sampling generated again at the same weights (new seeds) where groups scored all the same
+    assert any(m[s]["dynamic_sampling/rounds"] == 2 for s in m) and all(m[s]["rollout/weight_version"] == s - 1 for s in m)
     assert os.path.isfile(out / "adapter_model.safetensors")
     assert _gone(assets["actor"]) == []
 
