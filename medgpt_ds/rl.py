@@ -1,7 +1,7 @@
 """What the RL stages (ppo.py, grpo.py) and opd.py share: the checks of their model paths, the prompts
 and their order, the batch arithmetic, rewards, sampling settings, the actor / frozen models, and
 inside the RL loops the critic-free advantages, the rollout engine's weight-version check and
-off-policy correction, joining rollouts (dynamic sampling) and the step's time split. Plain
+off-policy correction, DAPO's dynamic sampling and the step's time split. Plain
 functions; each stage calls them top to bottom.
 """
 
@@ -265,6 +265,44 @@ def concat_generations(gens: list[Generation], pad_id: int) -> Generation:
     return Generation(torch.cat(seqs), torch.cat(pmask), torch.cat(rmask), torch.cat([g.has_eos for g in gens]),
                       steps=max(g.steps for g in gens), logprobs=torch.cat(lps) if len(lps) == len(gens) else None,
                       weight_version=gens[0].weight_version)
+
+
+def dynamic_sampling(gen, score, parts, rollout, cursor: int, G: int, n_prompts: int, max_rounds: int, pad_id: int):
+    """DAPO's dynamic sampling (Yu et al. 2025, https://arxiv.org/abs/2503.14476, sec. 3.2): keep the
+    prompt groups whose G rewards are not all equal, generate for the next prompt batches until this
+    rank has ``n_prompts`` of them or ``max_rounds`` extra rounds ran (rounds are collective: every rank
+    runs as many as the neediest), fill what is still missing with dropped groups (zero advantage).
+    ``gen, score, parts`` are prompt batch ``cursor``'s rollout (G adjacent rows per prompt) and
+    ``rollout(batch)`` generates and scores batch ``batch`` the same way; the caller advances its prompt
+    cursor by ``rounds``. Returns (gen, score, parts, rounds, counts) with counts summed over ranks by
+    the caller. Used by grpo and by ppo's group estimators."""
+    kept, dropped = [], []  # (generation, score, parts) of single groups
+    counts = {"dynamic_sampling/dropped_groups": 0, "dynamic_sampling/surplus_groups": 0,
+              "dynamic_sampling/filled_groups": 0}
+    rounds = 0
+    while True:
+        rounds += 1
+        equal = (score.view(-1, G).std(dim=1) < 1e-6).tolist() if G > 1 else [False] * (len(score) // G)
+        for i, flat in enumerate(equal):
+            group = (gen.select(slice(i * G, (i + 1) * G)), score[i * G:(i + 1) * G],
+                     {k: v[i * G:(i + 1) * G] for k, v in parts.items()})
+            if flat:
+                dropped.append(group)
+                counts["dynamic_sampling/dropped_groups"] += 1
+            elif len(kept) < n_prompts:
+                kept.append(group)
+            else:
+                counts["dynamic_sampling/surplus_groups"] += 1
+        short = torch.tensor([float(len(kept) < n_prompts)], device=dist.device())
+        if not dist.all_reduce_max(short).item() or rounds > max_rounds:
+            break
+        gen, score, parts = rollout(cursor + rounds)
+    while len(kept) < n_prompts:
+        kept.append(dropped.pop(0))
+        counts["dynamic_sampling/filled_groups"] += 1
+    joined = concat_generations([g for g, _, _ in kept], pad_id)
+    return (joined, torch.cat([s for _, s, _ in kept]), {k: torch.cat([p[k] for _, _, p in kept]) for k in parts},
+            rounds, counts)
 
 
 def backend_stats(backend) -> dict:

@@ -1,10 +1,12 @@
 """--stage ppo end to end through launch/train.py: a rule reward the tiny model learns (critic from
-the actor) with an exact resume after a crash, two ranks under ZeRO-3 with the per_token backend
-(synced_gpus: ranks stop at different lengths) and a reward model that also initialises the critic,
-LoRA on prompts from MedicalGPT's sft conversations.
+the actor) with an exact resume after a crash, the critic-free estimators (RLOO with DAPO's dynamic
+sampling), two ranks under ZeRO-3 with the per_token backend (synced_gpus: ranks stop at different
+lengths) and a reward model that also initialises the critic, LoRA on prompts from MedicalGPT's sft
+conversations.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -67,12 +69,14 @@ def test_ppo_learns_a_rule_reward_and_resumes_exactly(tmp_path, assets):
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
 def test_ppo_critic_free_estimators_learn_a_rule_reward(tmp_path, assets, estimator):
     # MedicalGPT's run_ppo.sh trains RLOO (TRL): 4 samples per prompt, leave-one-out baseline; REINFORCE++
-    # normalises over the batch. No critic is built or checkpointed; the reward rises as with GAE
+    # normalises over the batch. No critic is built or checkpointed; the reward rises as with GAE. rloo also
+    # runs DAPO's dynamic sampling: groups with all-equal rewards are dropped (counted) and topped up
     out = tmp_path / estimator
+    extra = ["--dynamic_sampling", "--max_sampling_rounds", "2"] if estimator == "rloo" else []
     p = train(_args(assets, out, "--reward_funcs", RULE, "--advantage_estimator", estimator, "--num_generations", "4",
                     "--rollout_batch_size", "8", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps",
                     "2", "--ppo_epochs", "2", "--max_new_tokens", "4", "--top_k", "8", "--max_steps", "14",
-                    "--save_steps", "7"))
+                    "--save_steps", "7", *extra))
     assert f"advantages {estimator}, no critic" in p.stdout and "8 prompts x 4 responses" in p.stdout
     m = _by_step(out)
     rewards = [m[s]["reward"] for s in sorted(m)]
@@ -84,6 +88,20 @@ def test_ppo_critic_free_estimators_learn_a_rule_reward(tmp_path, assets, estima
     assert all("value_loss" not in r and "explained_variance" not in r for r in m.values())
     assert any(r["kl"] > 0 for r in m.values()) and any(r["clipfrac"] > 0 for r in m.values())
     assert not os.path.exists(out / "checkpoint-14" / "critic") and os.path.isfile(out / "model.safetensors")
+    if estimator == "rloo":
+        assert "dynamic sampling (up to 2 extra rounds)" in p.stdout
+        rounds = {s: r["dynamic_sampling/rounds"] for s, r in m.items()}
+        assert sum(r["dynamic_sampling/dropped_groups"] for r in m.values()) > 0 and max(rounds.values()) > 1, m
+        assert all(1 <= n <= 3 for n in rounds.values())
+        # every step trains on 8 groups: those with a signal, topped up with dropped ones only when the rounds ran out
+        assert all(r["frac_reward_zero_std"] * 8 == pytest.approx(r["dynamic_sampling/filled_groups"]) for r in m.values())
+        assert all(r["dynamic_sampling/filled_groups"] == 0 for s, r in m.items() if rounds[s] < 3)
+        # the checkpointed prompt cursor advanced by the batches generated (a resume continues after them)
+        for step in (7, 14):
+            with open(out / f"checkpoint-{step}" / "trainer_state.json") as f:
+                assert json.load(f)["extra"]["prompt_batches"] == sum(rounds[s] for s in range(1, step + 1))
+    else:
+        assert "dynamic_sampling/rounds" not in m[1] and "dynamic sampling" not in p.stdout
 
 
 @pytest.mark.distributed
@@ -122,6 +140,7 @@ def test_ppo_lora_on_medicalgpt_sft_prompts(tmp_path, assets):
 @pytest.mark.unit
 def test_ppo_flags(assets):
     from medgpt_ds.config import parse_args
+    from medgpt_ds.errors import UserError
     from medgpt_ds.stages.ppo import Arguments
 
     cfg = parse_args(["--stage", "ppo", "--sft_model_path", assets["actor"], "--reward_model_path", assets["rm"],
@@ -131,6 +150,18 @@ def test_ppo_flags(assets):
     assert (a.kl_estimator, a.adaptive_kl, a.missing_eos_penalty, a.rollout_backend) == ("k3", True, 1.0, "per_token")
     for bad, match in (({"ppo_epochs": 0}, "ppo_epochs"), ({"lam": 1.5}, "lam"), ({"kl_coef": -0.1}, "kl_coef"),
                        ({"cliprange": 0.0}, "cliprange"), ({"advantage_estimator": "ppo"}, "advantage_estimator"),
-                       ({"advantage_estimator": "rloo"}, "num_generations >= 2")):
+                       ({"advantage_estimator": "rloo"}, "num_generations >= 2"),
+                       ({"max_sampling_rounds": -1}, "max_sampling_rounds")):
         with pytest.raises(ValueError, match=match):
             Arguments(**bad)
+    # dynamic sampling needs prompt groups: refused for gae (the default) and a group of 1, one line naming the flag
+    base = ["--stage", "ppo", "--sft_model_path", assets["actor"], "--reward_funcs", RULE, "--output_dir", "x",
+            "--dynamic_sampling"]
+    for extra, got in (([], "got gae with 1"), (["--num_generations", "4"], "got gae with 4"),
+                       (["--advantage_estimator", "reinforce_pp"], "got reinforce_pp with 1")):
+        with pytest.raises(UserError, match="^--dynamic_sampling .*needs a group estimator") as e:
+            parse_args(base + extra, {"ppo": Arguments})
+        assert got in str(e.value) and "\n" not in str(e.value)
+    a = parse_args(base + ["--advantage_estimator", "rloo", "--num_generations", "4", "--max_sampling_rounds", "1"],
+                   {"ppo": Arguments}).stage_args
+    assert (a.dynamic_sampling, a.max_sampling_rounds, a.advantage_estimator) == (True, 1, "rloo")

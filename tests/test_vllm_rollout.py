@@ -11,10 +11,11 @@ launch pairs and one single launch, each server start shared by several assertio
   rises; a rank fails at step 6 (after the checkpoint of step 4), the launcher tears everything down
   and no vLLM process is left; the resumed run's first rollout is generated with the resumed weights
   (version 4, and not the starting policy's answers) and the run finishes.
-- ppo with RLOO, 1 rank, LoRA pushed as an adapter under a new name every step: the trainer is
-  SIGKILLed mid-run (no vLLM process survives it), resumed, and the adapter vLLM serves after the
-  resume is the resumed one.
-- grpo, 1 rank, against a server the test started (--vllm_server_url): used, checked, left running.
+- ppo with RLOO and dynamic sampling (extra rollouts at the same weights), 1 rank, LoRA pushed as an
+  adapter under a new name every step: the trainer is SIGKILLed mid-run (no vLLM process survives
+  it), resumed, and the adapter vLLM serves after the resume is the resumed one.
+- grpo, 1 rank, LoRA pushed as merged base + adapter weights (--vllm_lora_sync merged), against a
+  server the test started without LoRA support (--vllm_server_url): used, checked, left running.
 
 The model is a 2-layer Llama with head_dim 32 (vLLM's CPU attention has no smaller head size) and
 wide initial weights, so answers depend on the prompt and greedy steps are no near-ties.
@@ -172,8 +173,8 @@ def test_ppo_rloo_lora_adapter_survives_sigkill_and_resumes(tmp_path, assets):
     args = ["--stage", "ppo", "--sft_model_path", assets["actor"], "--template_name", "chatml",
             "--train_file_dir", "data/demo/grpo", "--rollout_backend", "vllm_probe", "--reward_funcs", RULE,
             "--advantage_estimator", "rloo", "--num_generations", "4", "--per_device_train_batch_size", "8",
-            "--max_new_tokens", "4", "--use_peft", "--lora_rank", "8", "--learning_rate", "5e-2",
-            "--lr_scheduler_type", "constant", "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1",
+            "--dynamic_sampling", "--max_sampling_rounds", "1", "--max_new_tokens", "4", "--use_peft", "--lora_rank",
+            "8", "--learning_rate", "5e-2", "--lr_scheduler_type", "constant", "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1",
             "--report_to", "none", "--output_dir", str(out)]
     proc = subprocess.Popen(_cmd(1, args), cwd=ROOT, env=env(**_probe_env(assets, log)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -182,7 +183,7 @@ def test_ppo_rloo_lora_adapter_survives_sigkill_and_resumes(tmp_path, assets):
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "logs" / "metrics.jsonl").exists() and any(r["step"] >= 3 for r in metrics(out)):
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert proc.poll() is None, "the run ended before it could be killed"
         assert _vllm_processes(assets["actor"]), "no vLLM server ran"
         proc.send_signal(signal.SIGKILL)  # no handler, no atexit: only the guard can clean up
@@ -199,18 +200,25 @@ def test_ppo_rloo_lora_adapter_survives_sigkill_and_resumes(tmp_path, assets):
     new = probes[len(before):]
     resumed_at = new[0]["version"]
     assert resumed_at in (2, 4) and new[0]["adapter"].endswith(f"-v{resumed_at}")
-    # the resumed adapter is the one the killed run trained: vLLM answers as it did at that version
-    assert new[0]["vllm"] == before[resumed_at]["vllm"]
+    # the resumed adapter is the one the killed run trained: vLLM answers as it did at that version (when the
+    # kill fell between saving that checkpoint and pushing it, the killed run never served it: then it is at
+    # least not the starting policy)
+    assert len(before) >= resumed_at and new[0]["vllm"] != before[0]["vllm"]
+    if len(before) > resumed_at:
+        assert new[0]["vllm"] == before[resumed_at]["vllm"]
     assert [p["version"] for p in new] == list(range(resumed_at, 6))
     assert len({p["adapter"] for p in probes}) == len(probes)  # a new adapter name at every push, across runs
     m = _by_step(out)
     assert sorted(m) == list(range(1, 7)) and all(m[s]["rollout/logprob_diff_max"] < 1e-4 for s in m)
+    # dynamic sampling generated again at the same weights (new seeds) where groups scored all the same
+    assert any(m[s]["dynamic_sampling/rounds"] == 2 for s in m) and all(m[s]["rollout/weight_version"] == s - 1 for s in m)
     assert os.path.isfile(out / "adapter_model.safetensors")
     assert _gone(assets["actor"]) == []
 
 
-def test_grpo_with_vllm_server_url_uses_and_leaves_an_external_server(tmp_path, assets):
-    # a server started elsewhere (here: by the test) with the settings connect() documents
+def test_grpo_lora_merged_with_vllm_server_url_uses_and_leaves_an_external_server(tmp_path, assets):
+    # a server started elsewhere (here: by the test) with the settings connect() documents; merged LoRA
+    # weights are full weights to it (no --enable-lora needed)
     server = vs.start_server(vs.ServerConfig(model=assets["actor"], python=VLLM_PYTHON, log_path=str(tmp_path / "vllm.log"),
                                              dtype="float32", max_model_len=512, chunked_prefill=False))
     try:
@@ -218,16 +226,22 @@ def test_grpo_with_vllm_server_url_uses_and_leaves_an_external_server(tmp_path, 
         args = ["--stage", "grpo", "--model_name_or_path", assets["actor"], "--template_name", "chatml",
                 "--train_file_dir", "data/demo/grpo", "--rollout_backend", "vllm_probe", "--vllm_server_url",
                 server.url, "--reward_funcs", RULE, "--num_generations", "4", "--per_device_train_batch_size", "8",
-                "--max_new_tokens", "4", "--learning_rate", "1e-2", "--max_steps", "3", "--save_steps", "0",
+                "--max_new_tokens", "4", "--use_peft", "--lora_rank", "8", "--vllm_lora_sync", "merged",
+                "--learning_rate", "5e-2", "--max_steps", "3", "--save_steps", "0",
                 "--logging_steps", "1", "--report_to", "none", "--output_dir", str(out)]
-        _run(1, args, _probe_env(assets, log))
+        p = _run(1, args, _probe_env(assets, log))
+        assert "full weights synced before each rollout" in p.stdout
         probes = _probes(log, 1)
+        # after every push vLLM answers as transformers on the trainer's current weights (base + adapter),
+        # and the trained adapter changed its answers
         _check_probes(probes)
         assert [p["version"] for p in probes[0]] == [0, 1, 2]
+        assert all(p["adapter"] is None for p in probes[0])  # served as the model's own weights, no adapter
         assert [r["rollout/weight_version"] for r in metrics(out)] == [0.0, 1.0, 2.0]
         # the trainer neither started nor stopped it: still serving the last pushed weights; the pushed files
         # (under the output dir, which a remote server must see) are removed at the end
         assert server.alive() and server.client.healthy() and server.client.weight_version() == 2
         assert not os.path.exists(out / "vllm_weights") and not os.path.exists(out / "logs" / "vllm_server.log")
+        assert os.path.isfile(out / "adapter_model.safetensors") and not os.path.isfile(out / "model.safetensors")
     finally:
         server.close()

@@ -164,8 +164,8 @@ def run(cfg) -> Optional[TrainState]:
             gen, score, parts = rollout(cursor)
             rounds, ds = 1, {}
             if a.dynamic_sampling:
-                gen, score, parts, rounds, ds = dynamic_sampling(gen, score, parts, rollout, cursor, G, n_prompts,
-                                                                 a.max_sampling_rounds, tokenizer.pad_token_id)
+                gen, score, parts, rounds, ds = rl.dynamic_sampling(gen, score, parts, rollout, cursor, G, n_prompts,
+                                                                    a.max_sampling_rounds, tokenizer.pad_token_id)
             rl.check_weight_version(gen, actor.global_steps)
             sync_s = sum(sync_times)
             t1 = time.perf_counter()
@@ -259,37 +259,3 @@ def run(cfg) -> Optional[TrainState]:
                 return state
     return run_state.finish()
 
-
-def dynamic_sampling(gen, score, parts, rollout, cursor: int, G: int, n_prompts: int, max_rounds: int, pad_id: int):
-    """DAPO's dynamic sampling (Yu et al. 2025, https://arxiv.org/abs/2503.14476, sec. 3.2): keep the
-    prompt groups whose G rewards are not all equal, generate for the next prompt batches until this
-    rank has ``n_prompts`` of them or ``max_rounds`` extra rounds ran (rounds are collective: every rank
-    runs as many as the neediest), fill what is still missing with dropped groups (zero advantage).
-    Returns (gen, score, parts, rounds, counts) with counts summed over ranks by the caller."""
-    kept, dropped = [], []  # (generation, score, parts) of single groups
-    counts = {"dynamic_sampling/dropped_groups": 0, "dynamic_sampling/surplus_groups": 0,
-              "dynamic_sampling/filled_groups": 0}
-    rounds = 0
-    while True:
-        rounds += 1
-        equal = (score.view(-1, G).std(dim=1) < 1e-6).tolist() if G > 1 else [False] * (len(score) // G)
-        for i, flat in enumerate(equal):
-            group = (gen.select(slice(i * G, (i + 1) * G)), score[i * G:(i + 1) * G],
-                     {k: v[i * G:(i + 1) * G] for k, v in parts.items()})
-            if flat:
-                dropped.append(group)
-                counts["dynamic_sampling/dropped_groups"] += 1
-            elif len(kept) < n_prompts:
-                kept.append(group)
-            else:
-                counts["dynamic_sampling/surplus_groups"] += 1
-        short = torch.tensor([float(len(kept) < n_prompts)], device=dist.device())
-        if not dist.all_reduce_max(short).item() or rounds > max_rounds:
-            break
-        gen, score, parts = rollout(cursor + rounds)
-    while len(kept) < n_prompts:
-        kept.append(dropped.pop(0))
-        counts["dynamic_sampling/filled_groups"] += 1
-    joined = rl.concat_generations([g for g, _, _ in kept], pad_id)
-    return (joined, torch.cat([s for _, s, _ in kept]), {k: torch.cat([p[k] for _, _, p in kept]) for k in parts},
-            rounds, counts)

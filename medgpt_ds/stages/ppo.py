@@ -8,7 +8,9 @@ model at the last token and/or rule rewards), per-token KL to the reference as a
 from the critic, GAE, then ppo_epochs passes of clipped policy and value losses over minibatches.
 --advantage_estimator rloo (RLOO, https://arxiv.org/abs/2402.14740: num_generations samples per prompt,
 leave-one-out baseline; what MedicalGPT's run_ppo.sh trains through TRL), reinforce_pp (REINFORCE++,
-https://arxiv.org/abs/2501.03262) or grpo train without a critic: KL-shaped rewards summed to go.
+https://arxiv.org/abs/2501.03262) or grpo train without a critic: KL-shaped rewards summed to go;
+--dynamic_sampling (DAPO, https://arxiv.org/abs/2503.14476) then drops prompt groups whose rewards are
+all equal and tops up from the next prompts.
 With --rollout_backend vllm the policy loss is weighted by truncated importance ratios of the engine
 mismatch.
 
@@ -63,6 +65,14 @@ class Arguments(RolloutArguments):
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the rank's rollout."})
     missing_eos_penalty: Optional[float] = field(
         default=None, metadata={"help": "Subtracted from the score of responses cut at max_new_tokens (no eos)."})
+    dynamic_sampling: bool = field(
+        default=False, metadata={"help": "DAPO dynamic sampling (group estimators rloo, grpo, reinforce_pp with "
+                                         "--num_generations >= 2): drop prompt groups whose rewards are all equal (no "
+                                         "advantage) and generate for the next prompts until every rank has "
+                                         "rollout_batch_size groups with a signal (counted in the log)."})
+    max_sampling_rounds: int = field(
+        default=3, metadata={"help": "Dynamic sampling: at most this many extra generation rounds per step; groups "
+                                     "still missing then are filled with dropped ones (zero advantage, counted)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,6 +83,12 @@ class Arguments(RolloutArguments):
         if self.advantage_estimator in ("rloo", "grpo") and self.num_generations < 2:
             raise ValueError(f"--advantage_estimator {self.advantage_estimator} compares the samples of a prompt: set "
                              "--num_generations >= 2")
+        if self.dynamic_sampling and (self.advantage_estimator in (None, "gae") or self.num_generations < 2):
+            raise ValueError("--dynamic_sampling drops prompt groups whose samples all scored the same: it needs a group "
+                             "estimator (--advantage_estimator rloo, grpo or reinforce_pp) and --num_generations >= 2, "
+                             f"got {self.advantage_estimator or 'gae'} with {self.num_generations}")
+        if self.max_sampling_rounds < 0:
+            raise ValueError("--max_sampling_rounds must be >= 0")
         if self.cliprange <= 0 or self.cliprange_value <= 0:
             raise ValueError("--cliprange and --cliprange_value must be positive")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
@@ -147,11 +163,26 @@ def run(cfg) -> Optional[TrainState]:
                                              total_updates)
     dist.print0(f"ppo: {n_prompts} prompts x {k} responses per rank per step ({n_prompts * world * k} in all), "
                 f"{minibatches} minibatch(es) x {a.ppo_epochs} epoch(s) = {updates_per_step} updates per step; "
-                + (f"critic from {critic_path}" if use_critic else f"advantages {est}, no critic"))
+                + (f"critic from {critic_path}" if use_critic else f"advantages {est}, no critic")
+                + (f", dynamic sampling (up to {a.max_sampling_rounds} extra rounds)" if a.dynamic_sampling else ""))
 
     def hf_meta(tag_dir: str) -> None:
         write_hf_meta(tag_dir, actor.module, tokenizer, model_kind="causal_lm", base_model=policy_path,
                       torch_dtype=str(next(actor.module.parameters()).dtype))
+
+    sync_times: list[float] = []  # the backend's weight-sync seconds inside this step's generate calls
+    reward_times: list[float] = []  # seconds spent on rewards inside rollout() (timed as scoring)
+
+    def rollout(batch: int):
+        """Generate and score the prompt batch ``batch`` (counted over epochs): (gen, score, parts)."""
+        prompts = rl.prompts_for(items, batch // steps_per_epoch, batch % steps_per_epoch, n_prompts, t.seed)
+        gen = backend.generate([p["prompt_ids"] for p in prompts for _ in range(k)])
+        sync_times.append(rl.backend_stats(backend).get("weight_sync/seconds", 0.0))
+        ts = time.perf_counter()
+        score, parts = sequence_rewards(gen, [p["answer"] for p in prompts for _ in range(k)], tokenizer,
+                                        reward_fns, reward_engine, a.reward_model_weight, micro)
+        reward_times.append(time.perf_counter() - ts)
+        return gen, score, parts
 
     # ranks sample from their own streams (same-seeded ranks would draw the same tokens for similar
     # prompts); set after every model is built, before a resume restores each rank's stream
@@ -172,19 +203,24 @@ def run(cfg) -> Optional[TrainState]:
     with closing(backend):
         while state.global_step < total_steps:
             debug_fault(state.global_step + 1)
-            # rollout: the k responses of a prompt are adjacent rows on the same rank
+            # rollout and rewards: the k responses of a prompt are adjacent rows on the same rank; the prompt
+            # batch cursor is checkpointed (dynamic sampling may use several batches per step)
             t0 = time.perf_counter()
-            prompts = rl.prompts_for(items, state.epoch, state.step_in_epoch, n_prompts, t.seed)
-            gen = backend.generate([p["prompt_ids"] for p in prompts for _ in range(k)])
-            sync_s = rl.backend_stats(backend).get("weight_sync/seconds", 0.0)
+            cursor = state.extra.get("prompt_batches", state.epoch * steps_per_epoch + state.step_in_epoch)
+            sync_times.clear()
+            reward_times.clear()
+            gen, score, parts = rollout(cursor)
+            rounds, ds = 1, {}
+            if a.dynamic_sampling:
+                gen, score, parts, rounds, ds = rl.dynamic_sampling(gen, score, parts, rollout, cursor, k, n_prompts,
+                                                                    a.max_sampling_rounds, tokenizer.pad_token_id)
             rl.check_weight_version(gen, actor.global_steps)
+            sync_s, reward_s = sum(sync_times), sum(reward_times)
             t1 = time.perf_counter()
 
-            # score: rewards, old (trainer) and reference log-probs, values; KL-shaped rewards, advantages;
-            # the engine mismatch correction
+            # score: old (trainer) and reference log-probs, values; KL-shaped rewards, advantages; the
+            # engine mismatch correction
             mask = gen.response_mask
-            score, parts = sequence_rewards(gen, [p["answer"] for p in prompts for _ in range(k)], tokenizer,
-                                            reward_fns, reward_engine, a.reward_model_weight, micro)
             old_logps, sampled_logps = in_chunks(lambda g: rollout_logprobs(actor, g, temperature, *truncation), gen,
                                                  micro)
             ref_logps = in_chunks(lambda g: reference_logprobs(actor, ref, g, temperature), gen, micro)
@@ -252,9 +288,10 @@ def run(cfg) -> Optional[TrainState]:
                 resid = (returns - values) * fmask
                 critic_sums = {"ret": (returns * fmask).sum(), "ret_sq": (returns ** 2 * fmask).sum(),
                                "resid": resid.sum(), "resid_sq": (resid ** 2).sum()}
+            groups = {"zero_std": (score.view(-1, k).std(dim=1) < 1e-6).sum()} if k > 1 else {}
             tot = dist.all_reduce_dict({
                 "n_seq": len(gen), "score": score.sum(), "score_sq": (score ** 2).sum(), "kl": seq_kl.sum(),
-                "n_tok": fmask.sum(), "eos": gen.has_eos.sum(), **critic_sums, **mismatch,
+                "n_tok": fmask.sum(), "eos": gen.has_eos.sum(), **critic_sums, **mismatch, **groups, **ds,
                 **{f"sum/{key}": v for key, v in sums.items()}, **{f"reward/{key}": v.sum() for key, v in parts.items()}})
             n_seq, n_tok = tot["n_seq"], tot["n_tok"]
             mean_kl = tot["kl"] / n_seq
@@ -267,6 +304,8 @@ def run(cfg) -> Optional[TrainState]:
                    "response_length": n_tok / n_seq, "eos_fraction": tot["eos"] / n_seq,
                    "generation_steps_min": -steps[0], "generation_steps_max": steps[1],
                    "rollout/weight_version": float(gen.weight_version)}
+            if groups:  # prompt groups (of the trained batch) whose k rewards are all equal
+                rec["frac_reward_zero_std"] = tot["zero_std"] / (n_seq / k)
             if use_critic:
                 ret_var = tot["ret_sq"] / n_tok - (tot["ret"] / n_tok) ** 2
                 res_var = tot["resid_sq"] / n_tok - (tot["resid"] / n_tok) ** 2
@@ -275,10 +314,15 @@ def run(cfg) -> Optional[TrainState]:
             rec.update({f"reward/{key}": tot[f"reward/{key}"] / n_seq for key in sorted(parts)})
             if mismatch:
                 rec.update(rl.mismatch_metrics(tot, steps[2]))
+            if ds:
+                rec.update({key: tot[key] for key in ds})
+                rec["dynamic_sampling/rounds"] = float(rounds)
             state.extra["kl_coef"] = kl_ctl.value
-            rec.update(rl.timing(t1 - t0 - sync_s, t2 - t1, t3 - t2 - sync_train, sync_s + sync_train))
+            rec.update(rl.timing(t1 - t0 - sync_s - reward_s, t2 - t1 + reward_s, t3 - t2 - sync_train,
+                                 sync_s + sync_train))
             rec["lr"] = actor.get_lr()[0]
-            run_state.after_step(n_prompts * world, rec)
+            state.extra["prompt_batches"] = cursor + rounds
+            run_state.after_step(n_prompts * world * rounds, rec)
             if run_state.should_stop():
                 return state
     return run_state.finish()
