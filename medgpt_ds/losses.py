@@ -14,6 +14,7 @@ when every micro-batch has the same number of pairs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -442,7 +443,7 @@ class _ChunkedGJSD(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk_size):
             r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
             x = student[r, c] if student_head is not None else student[r, c].to(dtype)  # (chunk, H or V): a copy
-            with torch.enable_grad():
+            with torch.enable_grad() if need_grad else contextlib.nullcontext():  # no graph in evaluation
                 x.requires_grad_(need_grad)
                 per_token, hits = _gjsd_chunk(x, teacher, r, c, student_head, teacher_head, beta, temperature)
                 if need_grad:
