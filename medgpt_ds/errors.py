@@ -4,7 +4,10 @@ boundary that reports it.
 Library code raises ``UserError`` (or a subclass) with one line naming the file, line and field or
 the flag; it never calls ``SystemExit``. Only ``medgpt_ds.cli.main`` and each tool's ``main``, both
 wrapped in ``main_boundary``, turn it into ``error: ...`` on stderr and exit status 2 (the
-traceback too with ``--debug`` or ``MEDGPT_DEBUG=1``).
+traceback too with ``--debug`` or ``MEDGPT_DEBUG=1``). In a multi-rank job every rank usually meets
+the same mistake: rank 0 reports at once, the others wait ``OTHER_RANK_DELAY_S`` first, so the launcher
+(torchrun, deepspeed, srun --kill-on-bad-exit) has ended them and the user reads one line, not one per
+rank; a mistake only another rank meets is still reported, after the delay, with its rank.
 """
 from __future__ import annotations
 
@@ -13,9 +16,15 @@ import errno
 import functools
 import os
 import shutil
+import signal
 import sys
+import time
 import traceback
 from typing import Callable, Iterator
+
+
+# torchrun polls its ranks every 0.1 s, deepspeed's launcher every 1 s: both end the others well within this
+OTHER_RANK_DELAY_S = 3.0
 
 
 class UserError(ValueError):
@@ -46,10 +55,25 @@ def main_boundary(main: Callable[[list[str]], object]) -> Callable[[list[str] | 
             if debug:
                 traceback.print_exc()
             message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            rank = _launched_rank()
+            if rank:
+                # the launcher's SIGTERM must end us now: the trainer's preemption handler would only set a flag
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                time.sleep(OTHER_RANK_DELAY_S)
+                message = f"(rank {rank}) {message}"
             print(f"error: {message}", file=sys.stderr, flush=True)
             return 2
 
     return wrapper
+
+
+def _launched_rank() -> int:
+    """This process's global rank in a multi-rank job started by a launcher (0 otherwise)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return int(os.environ.get("RANK", "0") or 0) if world > 1 else 0
+    except ValueError:
+        return 0
 
 
 # Messages of torch's C++ file writer (torch.save) when a write fails: it raises a RuntimeError

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch_utils import PY, ROOT, env
+from tests.launch_utils import PY, ROOT, env, free_port
 
 DEMO = os.path.join(ROOT, "data", "demo")
 MARKER = "PWNED"
@@ -122,7 +122,9 @@ def launches(run, demo_tokenizer_dir) -> dict:
                                          "--resume_from_checkpoint", str(run / "checkpoint-1")),
         "hostile_resume": train + pt_args(tok, hostile, "--model_config", "tiny", "--max_steps", "2",
                                           "--resume_from_checkpoint", "auto"),
-        "target_modules": train + ["--stage", "sft", "--model_name_or_path", str(run), "--train_file_dir",
+        # 2 ranks meet the same mistake: still one line (the other rank waits, and the launcher ends it)
+        "target_modules": [os.path.join(os.path.dirname(PY), "deepspeed"), "--num_gpus", "2", "--master_port",
+                           str(free_port()), f"{ROOT}/launch/train.py", "--stage", "sft", "--model_name_or_path", str(run), "--train_file_dir",
                                    f"{DEMO}/sft", "--template_name", "chatml", "--max_steps", "1", "--use_peft",
                                    "--target_modules", "nonexistent_proj", "--report_to", "none",
                                    "--output_dir", str(root / "lora")],
@@ -217,6 +219,25 @@ def test_chat_batch_input_mistakes_name_file_line_and_field(model_dir, tmp_path,
     missing = tmp_path / "missing.jsonl"
     assert call(chat, ["--model_name_or_path", str(model_dir), "--input_file", str(missing)], capsys) == (
         f"error: {missing}: no such file")
+
+
+@pytest.mark.unit
+def test_a_mistake_only_another_rank_meets_is_reported_with_its_rank(monkeypatch, capsys):
+    """Rank 0 reports at once; another rank (which usually meets the same mistake and is ended by the
+    launcher meanwhile) reports after the delay, with its rank, so a rank-only mistake is never lost."""
+    from medgpt_ds import errors
+
+    @errors.main_boundary
+    def main(argv):
+        raise errors.UserError(f"{argv[0]}:3: field 'x': bad")
+
+    monkeypatch.setattr(errors, "OTHER_RANK_DELAY_S", 0.0)
+    for rank, prefix in (("0", ""), ("1", "(rank 1) ")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert call(main, ["a.jsonl"], capsys) == f"error: {prefix}a.jsonl:3: field 'x': bad"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process (RANK left over from somewhere): no label
+    assert call(main, ["a.jsonl"], capsys) == "error: a.jsonl:3: field 'x': bad"
 
 
 # --- cli.main in-process: refused while parsing / before any rank starts --------------------------

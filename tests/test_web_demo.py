@@ -39,6 +39,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(server: subprocess.Popen, log: Path) -> None:
+    """SIGTERM must end the web demo (killed, and the test failed, if it does not within 30 s)."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+        pytest.fail(f"SIGTERM did not stop the web demo:\n{log.read_text()[-3000:]}")
+
+
 @pytest.mark.smoke
 def test_web_demo_in_headless_chromium(echo_model_dir, tmp_path):
     for path, pkg in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
@@ -157,11 +168,65 @@ def test_web_demo_in_headless_chromium(echo_model_dir, tmp_path):
     finally:
         if driver is not None:
             driver.quit()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-            pytest.fail(f"SIGTERM did not stop the web demo:\n{log.read_text()[-3000:]}")
+        stop(server, log)
     shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+@pytest.mark.smoke
+def test_web_demo_queue_full_is_refused_and_the_model_stays_free(echo_model_dir, tmp_path):
+    """--max_queue 1 through gradio's own client: of three long questions at once one runs, one
+    waits, one is refused ("Queue is full"); when the clients go away both generations are cancelled,
+    /health is back to idle, and the next question is answered."""
+    pytest.importorskip("gradio", reason="gradio not installed (pip install gradio)")
+    httpx = pytest.importorskip("httpx", reason="httpx not installed")
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "web_demo.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, str(ROOT / "tools/web_demo.py"), "--model_name_or_path",
+                                   str(echo_model_dir), "--port", str(port), "--max_new_tokens", str(LONG),
+                                   "--max_queue", "1"], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+
+    def health() -> dict:
+        return httpx.get(f"{url}health", timeout=10).json()
+
+    def until(cond, what: str, timeout: float = 120):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if server.poll() is not None:
+                pytest.fail(f"web demo exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if cond():
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"waiting for {what}; health {health()}\nserver log:\n{log.read_text()[-3000:]}")
+
+    try:
+        until(lambda: health()["status"] == "ok", "the web demo to come up")
+        client = Client(url, verbose=False)
+        jobs = [client.submit(f"the {LOOP}", "", LONG, 0.0, api_name="/respond") for _ in range(3)]
+        # gradio's queue holds the waiting question (the model's own lock sees only the running one)
+        until(lambda: sum(j.done() for j in jobs) == 1 and health()["running"], "one question running and one refused")
+        refused = [j for j in jobs if j.done()]
+        assert "Queue is full" in str(refused[0].exception())
+        assert not isinstance(refused[0].exception(), AppError)  # refused by the queue, not failed in the app
+        assert sorted(j.status().code.name for j in jobs if not j.done()) == ["IN_QUEUE", "ITERATING"]
+        for j in jobs:  # the user leaves: both generations must end, the waiting one never holding the model
+            j.cancel()
+        client.close()
+        until(lambda: not health()["running"] and health()["cancelled"] >= 1, "the abandoned generations to be cancelled")
+        assert health()["completed"] == 0 and all(n < LONG for n in map(int, CANCELLED.findall(log.read_text())))
+        again = Client(url, verbose=False)
+        assert again.predict("What causes a fever?", "", 16, 0.0, api_name="/respond") == "A fever"
+        again.close()
+        h = health()
+        assert (h["status"], h["running"], h["failed"], h["completed"]) == ("ok", False, 0, 1), h
+    finally:
+        stop(server, log)
