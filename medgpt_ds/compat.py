@@ -36,7 +36,7 @@ ALIAS_HINTS = {
                              "--model_max_length, pt at --block_size",
     "max_prompt_length": "the prompt length of ppo/grpo/dpo/orpo/rm (--max_source_length); sft cuts samples at "
                          "--model_max_length",
-    "use_vllm": "vLLM generates rollouts in ppo and grpo only",
+    "use_vllm": "vLLM generates rollouts in ppo, grpo and opd only",
 }
 
 # MedicalGPT's stages that are not (yet) ours: --stage X names where its script belongs (none today: opd,
@@ -102,7 +102,7 @@ def rewrite_argv(argv: list[str], stage: str, known: set[str]) -> tuple[list[str
                 target = target.get(stage)
             if target:
                 name = target
-            elif name == "use_vllm" and stage in ("ppo", "grpo") and "rollout_backend" in known:
+            elif name == "use_vllm" and stage in ("ppo", "grpo", "opd") and "rollout_backend" in known:
                 value = inline
                 if value is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                     value = argv[i + 1]

@@ -14,11 +14,13 @@ when every micro-batch has the same number of pairs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from medgpt_ds.logprobs import IGNORE_INDEX, scored_logprobs
 
@@ -425,33 +427,30 @@ def _gjsd_per_token(student: torch.Tensor, teacher: torch.Tensor, beta: float) -
 
 class _ChunkedGJSD(torch.autograd.Function):
     """The summed divergence over the masked rows, ``chunk_size`` rows at a time in float32; each
-    chunk's gradient is taken in the forward and written into one buffer of the logits' dtype, so
+    chunk's gradient is taken in the forward and written into one buffer of the input's dtype, so
     neither the fp32 (N, V) intermediates nor a full-size gradient per chunk ever exist at once.
-    With ``teacher_head`` the teacher's logits are made from its hidden states one chunk at a time."""
+    With ``teacher_head`` the teacher's logits are made from its hidden states one chunk at a time; with
+    ``student_head`` (no trainable weight: LoRA) the student's too, and the gradient is the one with respect
+    to its hidden states (a token's divergence depends only on its own row)."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher, mask, beta, temperature, chunk_size, need_grad, teacher_head):
+    def forward(ctx, student, teacher, mask, beta, temperature, chunk_size, need_grad, teacher_head, student_head):
         rows, cols = mask.nonzero(as_tuple=True)  # (N,) each: the scored positions, indexed without a copy of all
-        grad = torch.zeros_like(student_logits) if need_grad else None  # (B, T, V) in the logits' dtype
-        dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 / fp16 -> fp32, fp64 stays
-        total = torch.zeros((), dtype=dtype, device=student_logits.device)
-        agree = torch.zeros((), dtype=dtype, device=student_logits.device)
+        grad = torch.zeros_like(student) if need_grad else None  # (B, T, V or H) in the input's dtype
+        dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 / fp16 -> fp32, fp64 stays
+        total = torch.zeros((), dtype=dtype, device=student.device)
+        agree = torch.zeros((), dtype=dtype, device=student.device)
         for start in range(0, rows.numel(), chunk_size):
             r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
-            s = student_logits[r, c].to(dtype)  # (chunk, V): one chunk upcast at a time
-            t = teacher[r, c] if teacher_head is None else teacher_head(teacher[r, c])  # (chunk, V)
-            if t.shape != s.shape:
-                raise ValueError(f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in "
-                                 "shape")
-            t = t.to(dtype)
-            agree += (s.argmax(-1) == t.argmax(-1)).sum()
-            with torch.enable_grad():
-                s.requires_grad_(need_grad)
-                per_token = _gjsd_per_token(s / temperature, t / temperature, beta)  # (chunk,)
+            x = student[r, c] if student_head is not None else student[r, c].to(dtype)  # (chunk, H or V): a copy
+            with torch.enable_grad() if need_grad else contextlib.nullcontext():  # no graph in evaluation
+                x.requires_grad_(need_grad)
+                per_token, hits = _gjsd_chunk(x, teacher, r, c, student_head, teacher_head, beta, temperature)
                 if need_grad:
-                    (g,) = torch.autograd.grad(per_token.sum(), s)
+                    (g,) = torch.autograd.grad(per_token, x)
                     grad[r, c] = g.to(grad.dtype)
-            total += per_token.detach().sum()
+            total += per_token.detach()
+            agree += hits
         ctx.save_for_backward(grad)
         return total, agree
 
@@ -459,12 +458,27 @@ class _ChunkedGJSD(torch.autograd.Function):
     def backward(ctx, grad_total, grad_agree):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return (None,) * 8
-        return (grad * grad_total.to(grad.dtype),) + (None,) * 7
+            return (None,) * 9
+        return (grad * grad_total.to(grad.dtype),) + (None,) * 8
+
+
+def _gjsd_chunk(x: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, student_head,
+                teacher_head, beta: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed divergence, top-1 agreements) of one chunk: ``x`` (n, V) student logits, or (n, H) hidden states
+    ``student_head`` maps to them; the teacher's rows ``teacher[rows, cols]`` (logits, or hidden states for
+    ``teacher_head``). Float32 at least."""
+    s = x if student_head is None else student_head(x)  # (n, V)
+    t = teacher[rows, cols] if teacher_head is None else teacher_head(teacher[rows, cols])  # (n, V)
+    if t.shape != s.shape:
+        raise ValueError(f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in shape")
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    s, t = s.to(dtype), t.detach().to(dtype)
+    hits = (s.detach().argmax(-1) == t.argmax(-1)).sum().to(dtype)
+    return _gjsd_per_token(s / temperature, t / temperature, beta).sum(), hits
 
 
 def generalized_jsd_loss(
-    student_logits: torch.Tensor,
+    student: torch.Tensor,
     teacher: torch.Tensor,
     mask: torch.Tensor,
     beta: float = 0.5,
@@ -472,13 +486,19 @@ def generalized_jsd_loss(
     num_tokens: float | torch.Tensor | None = None,
     chunk_size: int = 1024,
     teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    student_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    frozen_student_head: bool = False,
 ) -> tuple[torch.Tensor, Metrics]:
     """GKD's generalized Jensen-Shannon divergence per token, ``beta KL(t || m) + (1 - beta) KL(s || m)`` with
     ``m = beta t + (1 - beta) s`` (Agarwal et al. 2024, eq. 1; as TRL's ``GKDTrainer.generalized_jsd_loss``): beta 0
     is the forward KL(t || s), beta 1 the reverse KL(s || t).
 
     Args:
-        student_logits: (B, T, V) (any float dtype).
+        student: (B, T, V) logits (any float dtype), or with ``student_head`` (B, T, H) final hidden states that
+            ``student_head`` maps (N, H) -> (N, V) a chunk at a time (the student's (B, T, V) logits never exist).
+            A trainable head's chunks are checkpointed (recomputed in backward, one autograd graph: its weight
+            gets its gradient, ``teacher_head`` must still work then); ``frozen_student_head`` (LoRA): each
+            row's gradient is taken with its chunk instead (``student_head`` is only called inside this function).
         teacher: (B, T, V) logits over the same positions, or with ``teacher_head`` (B, T, H) final hidden
             states that ``teacher_head`` maps (N, H) -> (N, V) a chunk at a time (the teacher's (B, T, V) logits
             never exist). Not differentiated. Both distributions are divided by ``temperature`` before the softmax.
@@ -491,13 +511,23 @@ def generalized_jsd_loss(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"generalized JSD needs 0 <= beta <= 1, got {beta}")
-    if student_logits.shape[:2] != teacher.shape[:2] or (teacher_head is None and student_logits.shape != teacher.shape):
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher {tuple(teacher.shape)} differ in "
-                         "shape")
+    if student.shape[:2] != teacher.shape[:2] or (teacher_head is None and student_head is None
+                                                  and student.shape != teacher.shape):
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
     mask = mask.bool()
-    need_grad = student_logits.requires_grad and torch.is_grad_enabled()  # no gradient buffer in evaluation
-    total, agree = _ChunkedGJSD.apply(student_logits, teacher.detach(), mask, float(beta), float(temperature),
-                                      int(chunk_size), need_grad, teacher_head)
+    teacher = teacher.detach()
+    need_grad = student.requires_grad and torch.is_grad_enabled()  # no gradient buffer in evaluation
+    rows, cols = mask.nonzero(as_tuple=True)  # (N,) each
+    if student_head is not None and not frozen_student_head and need_grad and rows.numel():
+        hidden = student[rows, cols]  # (N, H)
+        parts = [torch.utils.checkpoint.checkpoint(
+            _gjsd_chunk, hidden[i:i + chunk_size], teacher, rows[i:i + chunk_size], cols[i:i + chunk_size],
+            student_head, teacher_head, float(beta), float(temperature), use_reentrant=False)
+            for i in range(0, rows.numel(), chunk_size)]
+        total, agree = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    else:
+        total, agree = _ChunkedGJSD.apply(student, teacher, mask, float(beta), float(temperature), int(chunk_size),
+                                          need_grad, teacher_head, student_head)
     count = mask.sum()
     local = count.clamp(min=1).to(total.dtype)
     loss = total / local if num_tokens is None else total / num_tokens

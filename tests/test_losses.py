@@ -605,3 +605,61 @@ def test_generalized_jsd_teacher_head_makes_the_logits_a_chunk_at_a_time():
     torch.testing.assert_close(m["top1_agreement"], m_full["top1_agreement"])
     with pytest.raises(ValueError, match="differ in shape"):  # a head wider than the student's vocabulary
         generalized_jsd_loss(student, hidden, mask, teacher_head=lambda h: h @ weight.T)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_generalized_jsd_student_head_chunks_equal_the_full_logits(tiny_llama, lora):
+    # opd's chunked path on tiny Llamas: the student's and the teacher's logits made from their final hidden states
+    # 2 tokens at a time (7 scored), against the models' full logits; the same loss, metrics and gradient of every
+    # trained parameter, the LM head's included (trainable head: checkpointed chunks; LoRA: frozen head, per-row
+    # gradients), with a scale applied after the loss (engine.backward's 1/GA) reaching them
+    from medgpt_ds.long_context import OutputHead, final_hidden_states
+
+    student, teacher = tiny_llama(40, seed=1), tiny_llama(40, seed=2, hidden_size=48)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                     init_lora_weights=False))
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, 3:] = True
+    mask[1, 5:7] = True
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]  # (2, 8, 40)
+        t_hidden = final_hidden_states(teacher, input_ids=ids, use_cache=False)[:, :-1]  # (2, 8, 48)
+    rows = []
+    s_head, t_head = OutputHead(student), OutputHead(teacher)
+    assert s_head.frozen == lora
+
+    def counted(h):
+        rows.append(h.size(0))
+        return s_head(h)
+
+    def run(chunked: bool):
+        student.zero_grad()
+        if chunked:
+            hidden = final_hidden_states(student, input_ids=ids, use_cache=False)[:, :-1]  # (2, 8, 32)
+            loss, m = generalized_jsd_loss(hidden, t_hidden, mask, beta=0.3, temperature=0.8, num_tokens=3.0,
+                                           chunk_size=2, teacher_head=t_head, student_head=counted,
+                                           frozen_student_head=s_head.frozen)
+        else:
+            logits = student(input_ids=ids, use_cache=False).logits[:, :-1]
+            loss, m = generalized_jsd_loss(logits, t_logits, mask, beta=0.3, temperature=0.8, num_tokens=3.0)
+        (loss * 0.25).backward()
+        return loss.detach(), m, {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+
+    full, m_full, g_full = run(False)
+    ours, m, g = run(True)
+    assert rows and max(rows) == 2  # never more than a chunk of the student's logits
+    torch.testing.assert_close(ours, full)
+    torch.testing.assert_close(m["top1_agreement"], m_full["top1_agreement"])
+    assert g.keys() == g_full.keys() and ("lm_head.weight" in g) != lora
+    for name in g:
+        assert g_full[name].abs().sum() > 0, name
+        torch.testing.assert_close(g[name], g_full[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation: the values, no gradient taken
+        hidden = final_hidden_states(student, input_ids=ids, use_cache=False)[:, :-1]
+        torch.testing.assert_close(generalized_jsd_loss(hidden, t_hidden, mask, beta=0.3, temperature=0.8,
+                                                        num_tokens=3.0, chunk_size=2, teacher_head=t_head,
+                                                        student_head=s_head)[0], full)

@@ -6,11 +6,12 @@ divergence; algorithm 1: with probability lambda the student's own samples, else
 MedicalGPT's `training/opd_training.py` runs TRL's GKDTrainer with the teacher whole on every GPU; here the
 student is a DeepSpeed engine (full or LoRA, ZeRO-2/3), the teacher a frozen engine (ZeRO-3 partitioned, its
 parameters optionally on the CPU, or 4-bit / 8-bit on ZeRO-0/1/2), and the student samples through the rollout
-backends of ppo / grpo. Each optimizer step: per micro batch a seeded draw (the same on every rank) makes it
-on-policy with probability --opd_lambda; the on-policy prompts are answered by the student in one rollout, the
-others keep their dataset answer; teacher and student score the response tokens (the teacher's logits made from
-its hidden states --loss_chunk_size tokens at a time) and the student takes the generalized JSD (--opd_beta: 0
-forward KL, 1 reverse KL; fp32 a chunk at a time) as a token mean over the whole step.
+backends of ppo / grpo (--rollout_backend vllm: a vLLM engine holding the student's weights, synced after every
+optimizer step and version-checked; only its sampled ids are used). Each optimizer step: per micro batch a seeded
+draw (the same on every rank) makes it on-policy with probability --opd_lambda; the on-policy prompts are answered
+by the student in one rollout, the others keep their dataset answer; teacher and student score the response tokens
+(both models' logits made from their hidden states --loss_chunk_size tokens at a time) and the student takes the
+generalized JSD (--opd_beta: 0 forward KL, 1 reverse KL; fp32 a chunk at a time) as a token mean over the whole step.
 Data: MedicalGPT's sft formats; every assistant turn with the conversation before it is one sample (tool calls
 and tool results rendered per --tool_format).
 
@@ -43,6 +44,7 @@ from medgpt_ds.logprobs import IGNORE_INDEX
 from medgpt_ds.losses import generalized_jsd_loss
 from medgpt_ds.model import check_model_path, load_tokenizer, resolve_attn_implementation, resolve_dtype
 from medgpt_ds.run_state import RunState, TrainState, debug_fault
+from medgpt_ds.scoring import in_chunks, rollout_logprobs
 
 # RolloutArguments flags of ppo / grpo that have no meaning here, with their default (refused when changed)
 NOT_FOR_OPD = {"sft_model_path": None, "ref_model_path": None, "reward_model_path": None, "reward_funcs": None,
@@ -239,11 +241,6 @@ def run(cfg) -> Optional[TrainState]:
     student_path, teacher_path = cfg.model.model_name_or_path, a.teacher_model_name_or_path
     if not student_path or cfg.model.model_config:
         raise UserError("--stage opd needs --model_name_or_path: the student to start from (not --model_config)")
-    if a.rollout_backend == "vllm":
-        # the vLLM backend is wired (and tested) for ppo and grpo: their weight-version checks and
-        # off-policy correction; opd samples with the trainer's own generate for now
-        raise UserError("--rollout_backend vllm (--use_vllm True) is not available for --stage opd yet: use "
-                        "--rollout_backend hybrid (the default)")
     if not teacher_path:
         raise UserError("--stage opd needs --teacher_model_name_or_path: the model whose distribution the student "
                         "learns")
@@ -264,8 +261,10 @@ def run(cfg) -> Optional[TrainState]:
     vocab = shared_vocab_size(student_config, teacher_config, len(tokenizer), teacher_path)
     dist.init(t.ddp_timeout)
     dist.announce()
+    # the rollout backends see opd's prompt length as the prompt budget (vLLM's context length)
+    rollout_cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, max_source_length=max_prompt))
     generation.check_backend(a.rollout_backend, model_type=student_config.model_type,
-                             device_type=dist.device().type, use_peft=cfg.lora.use_peft)
+                             device_type=dist.device().type, use_peft=cfg.lora.use_peft, cfg=rollout_cfg)
     resume = checkpoint.prepare_output_dir(cfg)
 
     train_recs, eval_recs, files = load_train_eval(d, "sft", t.seed, output_dir=t.output_dir)
@@ -303,13 +302,18 @@ def run(cfg) -> Optional[TrainState]:
         dist.print0("warning: --offload_frozen needs ZeRO-3 (parameter offload); the teacher stays on the device")
     student = rl.load_actor(cfg, cfg.model, tokenizer, ds_config, total_steps)
     teacher = load_teacher(cfg, a, tokenizer, eng.frozen_ds_config(ds_config, offload_params=a.offload_frozen))
-    backend = generation.make_backend(a.rollout_backend, student, tokenizer, params, zero3=zero3, args=a)
+    backend = generation.make_backend(a.rollout_backend, student, tokenizer, params, zero3=zero3, args=a,
+                                      cfg=rollout_cfg)
+    truncation = (a.top_k, a.top_p) if a.temperature > 0 else (0, 1.0)  # what the sampler drew from
     how = ("4-bit" if a.teacher_load_in_4bit else "8-bit") if quantized else (
         "ZeRO-3 partitioned" + (", parameters on the CPU" if a.offload_frozen else "") if zero3 else "replicated")
     # the teacher's logits from its hidden states, --loss_chunk_size tokens at a time, wherever its output head
     # reproduces its logits (--chunked_loss False, or a head it cannot: its (B, R, V) logits per micro batch)
     teacher_chunks = long_context.loss_chunk_size(t, teacher, "opd teacher")
     teacher_head = long_context.OutputHead(teacher) if teacher_chunks else None
+    # the student's logits likewise (its head trainable: chunks recomputed in backward; LoRA: frozen, gathered)
+    student_chunks = long_context.loss_chunk_size(t, student, "opd student")
+    student_head = long_context.OutputHead(student) if student_chunks else None
     if zero3:  # what partitioning left on this rank (rank 0 speaks for all)
         held = sum(p.ds_tensor.numel() for p in teacher.parameters())
         how += f", rank 0 holds {held:,} of its {sum(p.ds_numel for p in teacher.parameters()):,} parameters"
@@ -329,19 +333,26 @@ def run(cfg) -> Optional[TrainState]:
         run_state.logger.info(f"data: {leftover} of {len(items)} samples per epoch do not fill a whole step and are "
                               "left out of that epoch (a different set each epoch)")
 
-    def divergence(gen: Generation, num_tokens: Optional[float]):
-        """(loss, metrics, teacher seconds) of the student against the teacher on ``gen``'s response tokens."""
+    def divergence(gen: Generation, num_tokens: Optional[float], backward: bool):
+        """(loss, metrics, teacher seconds) of the student against the teacher on ``gen``'s response tokens;
+        with ``backward`` the student's backward too (inside the heads' gathers: a trainable student head's
+        chunks are recomputed there, teacher head included)."""
         start = time.perf_counter()
         with torch.no_grad():
             t_out = response_hidden(teacher, gen) if teacher_chunks else response_logits(teacher, gen)[..., :vocab]
         teacher_s = time.perf_counter() - start
-        s_logits = response_logits(student, gen)
-        # under ZeRO-3 the teacher's partitioned head is gathered once per micro batch (collective)
-        with teacher_head.gathered() if teacher_head else contextlib.nullcontext() as head_fn:
-            loss, m = generalized_jsd_loss(s_logits, t_out, gen.response_mask, beta=a.opd_beta,
+        s_out = response_hidden(student, gen) if student_chunks else response_logits(student, gen)
+        # under ZeRO-3 a frozen partitioned head (the teacher's, a LoRA student's) is gathered once per micro batch
+        # (collective); a trainable one is gathered by the student engine's own hooks
+        with teacher_head.gathered() if teacher_head else contextlib.nullcontext() as t_fn, \
+                student_head.gathered() if student_head else contextlib.nullcontext() as s_fn:
+            loss, m = generalized_jsd_loss(s_out, t_out, gen.response_mask, beta=a.opd_beta,
                                            temperature=a.jsd_temperature, num_tokens=num_tokens,
                                            chunk_size=t.loss_chunk_size,
-                                           teacher_head=(lambda h: head_fn(h)[..., :vocab]) if head_fn else None)
+                                           teacher_head=(lambda h: t_fn(h)[..., :vocab]) if t_fn else None,
+                                           student_head=s_fn, frozen_student_head=bool(s_fn) and student_head.frozen)
+            if backward:
+                student.backward(loss)
         return loss, m, teacher_s
 
     def eval_collate(batch: list[dict]) -> dict:
@@ -352,7 +363,7 @@ def run(cfg) -> Optional[TrainState]:
     def eval_loss(engine, batch: dict):
         gen = Generation(batch["sequences"], batch["prompt_mask"], batch["response_mask"],
                          torch.ones(len(batch["sequences"]), dtype=torch.bool))
-        loss, m, _ = divergence(gen, 1.0)  # the sum: loop.evaluate divides by the tokens of all ranks
+        loss, m, _ = divergence(gen, 1.0, backward=False)  # the sum: loop.evaluate divides by the tokens of all ranks
         return loss, {"top1_agreement": m["top1_agreement"] * m["num_tokens"]}
 
     def run_eval() -> None:
@@ -375,7 +386,12 @@ def run(cfg) -> Optional[TrainState]:
                         "on_policy/jsd": w["on_jsd"] / max(w["on_tokens"], 1.0)})
         if w["seqs"] > on:
             rec["off_policy/jsd"] = (w["jsd"] - w["on_jsd"]) / max(w["tokens"] - w["on_tokens"], 1.0)
-        rec.update(rl.timing(w["gen_s"] / w["steps"], w["teacher_s"] / w["steps"], w["train_s"] / w["steps"]))
+        if "weight_version" in w:
+            rec["rollout/weight_version"] = w["weight_version"]
+        if "mismatch/n" in w:
+            rec.update(rl.mismatch_metrics(w, w["mismatch_max"]))
+        rec.update(rl.timing(w["gen_s"] / w["steps"], w["teacher_s"] / w["steps"], w["train_s"] / w["steps"],
+                             w["sync_s"] / w["steps"]))
         rec["lr"] = student.get_lr()[0]
         grad_norm = student.get_global_grad_norm()
         if grad_norm is not None:
@@ -393,11 +409,23 @@ def run(cfg) -> Optional[TrainState]:
             # the on-policy draw: a function of the seed and the step, the same on every rank (the rollout is collective)
             g = torch.Generator().manual_seed(t.seed * 1000003 + state.global_step)
             on_policy = (torch.rand(ga, generator=g) < a.opd_lambda).tolist()
-            rollout = None
+            rollout, sync_s = None, 0.0
             if any(on_policy):
                 rollout = backend.generate([s["prompt_ids"] for j in range(ga) if on_policy[j]
                                             for s in micro_batches[j]])
-            gen_s = time.perf_counter() - t0
+                # a backend with its own copy of the weights (vLLM) must have sampled from this step's student
+                rl.check_weight_version(rollout, student.global_steps)
+                sync_s = rl.backend_stats(backend).get("weight_sync/seconds", 0.0)
+            mismatch, max_diff = {}, 0.0
+            logged = (state.global_step + 1) % t.logging_steps == 0 or state.global_step + 1 == total_steps
+            if rollout is not None and rollout.logprobs is not None and logged:
+                # the loss needs only the sampled ids; the engine's log-probs against the student's, on logged
+                # steps only (one extra no-grad forward over the on-policy rows): the rollout/* mismatch metrics
+                with torch.no_grad():
+                    _, sampled = in_chunks(lambda rows: rollout_logprobs(student, rows, params.logit_temperature,
+                                                                         *truncation), rollout, micro)
+                _, mismatch, max_diff = rl.engine_correction(rollout, sampled, sampled, 0.0)
+            gen_s = time.perf_counter() - t0 - sync_s
 
             gens, k = [], 0
             for j in range(ga):
@@ -412,8 +440,7 @@ def run(cfg) -> Optional[TrainState]:
             sums = {"jsd": 0.0, "agree": 0.0, "tokens": 0.0, "seqs": 0.0, "on_seqs": 0.0, "on_tokens": 0.0,
                     "on_eos": 0.0, "on_jsd": 0.0, "teacher_s": 0.0}
             for j, gen_j in enumerate(gens):
-                loss, m, teacher_s = divergence(gen_j, norm)
-                student.backward(loss)
+                loss, m, teacher_s = divergence(gen_j, norm, backward=True)
                 student.step()
                 n = float(m["num_tokens"])
                 sums["teacher_s"] += teacher_s
@@ -430,11 +457,17 @@ def run(cfg) -> Optional[TrainState]:
             step_s = time.perf_counter() - t0
 
             # bookkeeping: sums over ranks (by name), log, evaluate, checkpoint, stop signal
-            tot = dist.all_reduce_dict({k: v for k, v in sums.items() if k != "teacher_s"})
-            times = dist.all_reduce_max(torch.tensor([gen_s, sums["teacher_s"], step_s], device=dist.device())).tolist()
-            tot.update(gen_s=times[0], teacher_s=times[1], train_s=max(times[2] - times[0] - times[1], 0.0), steps=1.0)
+            tot = dist.all_reduce_dict({**{k: v for k, v in sums.items() if k != "teacher_s"}, **mismatch})
+            times = dist.all_reduce_max(torch.tensor([gen_s, sums["teacher_s"], step_s, sync_s, max_diff],
+                                                     dtype=torch.float64, device=dist.device())).tolist()
+            tot.update(gen_s=times[0], teacher_s=times[1], sync_s=times[3],
+                       train_s=max(times[2] - times[0] - times[1] - times[3], 0.0), steps=1.0)
             for k, v in tot.items():
                 window[k] = window.get(k, 0.0) + v
+            if mismatch:
+                window["mismatch_max"] = max(window.get("mismatch_max", 0.0), times[4])
+            if rollout is not None and rollout.weight_version >= 0:
+                window["weight_version"] = float(rollout.weight_version)  # the last rollout's, not a sum
             run_state.after_step(micro * ga * world, record)
             if t.eval_steps and state.global_step % t.eval_steps == 0:
                 run_eval()
