@@ -247,6 +247,10 @@ def sft_texts(limit: Optional[int] = None) -> list[str]:
 SHAPES: dict[str, dict] = {
     "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False),
+    # head size 32: vLLM's CPU attention kernels take 32 and up (the dry run's vLLM rollouts)
+    "tiny-h32": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                     tie_word_embeddings=False),
     "llama-h256x4": dict(model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          tie_word_embeddings=False),

@@ -60,7 +60,7 @@ PLANS = {
         "budgets": {"flash_packing": 300, "sft": 900, "memory": 900, "grpo": 600},
         "sft": [("tiny", "packed-gc_off", "trl"), ("tiny", "padded-gc_off", "")],
         "sft_args": ["--max_length", "256", "--rows", "1", "--batch", "4", "--steps", "3", "--warmup", "1"],
-        "full": ["tiny"], "lora": "tiny", "mem_length": 128, "mem_steps": 2, "grpo_shape": "tiny",
+        "full": ["tiny"], "lora": "tiny", "mem_length": 128, "mem_steps": 2, "grpo_shape": "tiny-h32",
         "grpo": {"max_new_tokens": 8, "G": 2, "micro": 2, "ga": 1, "steps": 2},
     },
 }

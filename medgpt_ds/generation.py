@@ -324,11 +324,16 @@ def _with_cfg(fn, cfg) -> dict:
     return {"cfg": cfg} if cfg is not None and takes else {}
 
 
-def check_backend(name: str, *, model_type: Optional[str], device_type: str, use_peft: bool, cfg=None) -> None:
-    """Refuse a backend that cannot run here, before any model is loaded (UserError, with the way out)."""
+def check_backend(name: str, *, model_type: Optional[str], device_type: str, use_peft: bool, cfg=None,
+                  model_config=None) -> None:
+    """Refuse a backend that cannot run here, before any model is loaded (UserError, with the way out).
+    ``model_config`` (the policy's config) goes to backends whose check takes it."""
     check = getattr(backend_factory(name), "check", None)
     if check is not None:
-        check(model_type=model_type, device_type=device_type, use_peft=use_peft, **_with_cfg(check, cfg))
+        extra = _with_cfg(check, cfg)
+        if model_config is not None and "model_config" in inspect.signature(check).parameters:
+            extra["model_config"] = model_config
+        check(model_type=model_type, device_type=device_type, use_peft=use_peft, **extra)
 
 
 def patch_ds_config(name: str, ds_config: dict, max_tokens: int) -> None:

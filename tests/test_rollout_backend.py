@@ -168,6 +168,19 @@ def test_ds_hybrid_and_vllm_fail_clearly(setup, monkeypatch):
     check_backend("vllm", model_type="llama", device_type="cpu", use_peft=False, cfg=run_cfg())
     check_backend("vllm", model_type="llama", device_type="cuda", use_peft=False,
                   cfg=run_cfg(vllm_server_url="http://127.0.0.1:1"))
+    # a CPU server: vLLM's CPU attention has a fixed set of head sizes (another one fails the first request)
+    from transformers import AutoConfig, LlamaConfig
+
+    head16 = LlamaConfig(hidden_size=64, num_attention_heads=4)
+    with pytest.raises(UserError, match="head size is 16, .* supports 32, 64, .*--rollout_backend hybrid"):
+        check_backend("vllm", model_type="llama", device_type="cpu", use_peft=False, cfg=run_cfg(), model_config=head16)
+    check_backend("vllm", model_type="llama", device_type="cuda", use_peft=False, cfg=run_cfg(vllm_devices="1"),
+                  model_config=head16)  # GPU kernels take it
+    check_backend("vllm", model_type="llama", device_type="cpu", use_peft=False, cfg=run_cfg(),
+                  model_config=LlamaConfig(hidden_size=64, num_attention_heads=2))
+    qwen35 = AutoConfig.for_model("qwen3_5", text_config={"hidden_size": 64, "num_attention_heads": 4, "head_dim": 16})
+    with pytest.raises(UserError, match="head size is 16"):  # a composite config: its text model's heads
+        check_backend("vllm", model_type="qwen3_5", device_type="cpu", use_peft=False, cfg=run_cfg(), model_config=qwen35)
     tok, model, _ = setup
     with pytest.raises(UserError, match="built by the ppo/grpo stages"):
         make_backend("vllm", _Engine(model), tok, _params(tok), zero3=False)

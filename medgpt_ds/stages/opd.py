@@ -263,8 +263,8 @@ def run(cfg) -> Optional[TrainState]:
     dist.announce()
     # the rollout backends see opd's prompt length as the prompt budget (vLLM's context length)
     rollout_cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, max_source_length=max_prompt))
-    generation.check_backend(a.rollout_backend, model_type=student_config.model_type,
-                             device_type=dist.device().type, use_peft=cfg.lora.use_peft, cfg=rollout_cfg)
+    generation.check_backend(a.rollout_backend, model_type=student_config.model_type, device_type=dist.device().type,
+                             use_peft=cfg.lora.use_peft, cfg=rollout_cfg, model_config=student_config)
     resume = checkpoint.prepare_output_dir(cfg)
 
     train_recs, eval_recs, files = load_train_eval(d, "sft", t.seed, output_dir=t.output_dir)

@@ -122,7 +122,7 @@ def run(cfg) -> Optional[TrainState]:
     dist.announce()
     model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
     generation.check_backend(a.rollout_backend, model_type=model_config.model_type, device_type=dist.device().type,
-                             use_peft=cfg.lora.use_peft, cfg=cfg)
+                             use_peft=cfg.lora.use_peft, cfg=cfg, model_config=model_config)
     resume = checkpoint.prepare_output_dir(cfg)
     model_args = dataclasses.replace(cfg.model, model_name_or_path=policy_path)
     tokenizer = load_tokenizer(model_args)
