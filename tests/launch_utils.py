@@ -44,6 +44,17 @@ def train(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 60
     return p
 
 
+def crash_then_resume(args: list[str], *, nproc: int, fail_rank: int, fail_step: int, resumes_from: str):
+    """Run ``args`` with rank ``fail_rank`` raising at step ``fail_step`` (the run must fail there),
+    then again with ``--resume_from_checkpoint auto``, which must resume from ``resumes_from``."""
+    crash = train(args, nproc=nproc, check=False, MEDGPT_DEBUG_FAIL_RANK=str(fail_rank),
+                  MEDGPT_DEBUG_FAIL_STEP=str(fail_step))
+    assert crash.returncode != 0 and "MEDGPT_DEBUG_FAIL" in crash.stdout + crash.stderr, crash.stderr[-3000:]
+    resumed = train([*args, "--resume_from_checkpoint", "auto"], nproc=nproc)
+    assert "resumed from" in resumed.stdout and resumes_from in resumed.stdout, resumed.stdout[-3000:]
+    return resumed
+
+
 def metrics(output_dir: str, split: str = "train") -> list[dict]:
     path = os.path.join(output_dir, "logs", "metrics.jsonl")
     with open(path) as f:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.launch_utils import SHARED_DATA, ds_config_copy, metrics, train
+from tests.launch_utils import SHARED_DATA, crash_then_resume, ds_config_copy, metrics, train
 from tests.helpers import make_rl_assets
 
 RULE = "tests.helpers:starts_with_space"
@@ -96,11 +96,7 @@ def test_grpo_two_ranks_zero3_different_lengths_and_exact_resume(tmp_path, asset
     assert all(r["kl"] > 0 for s, r in m_full.items() if s > 1)  # the policy moved off the reference
     assert os.path.isfile(full / "model.safetensors")
 
-    crash = train(_args(assets, part, *args), nproc=2, check=False, MEDGPT_DEBUG_FAIL_RANK="1",
-                  MEDGPT_DEBUG_FAIL_STEP="3")
-    assert crash.returncode != 0 and "MEDGPT_DEBUG_FAIL" in crash.stdout + crash.stderr
-    resumed = train(_args(assets, part, *args, "--resume_from_checkpoint", "auto"), nproc=2)
-    assert "resumed from" in resumed.stdout and "checkpoint-2" in resumed.stdout
+    crash_then_resume(_args(assets, part, *args), nproc=2, fail_rank=1, fail_step=3, resumes_from="checkpoint-2")
     m_part = _by_step(part)
     for step in (3, 4):  # rollout RNG, prompt order and weights all restored: the same numbers
         assert m_part[step] == pytest.approx(m_full[step], rel=1e-6, abs=1e-9), step

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from tests.launch_utils import ROOT, SHARED_DATA, ds_config_copy, metrics, train
+from tests.launch_utils import ROOT, SHARED_DATA, crash_then_resume, ds_config_copy, metrics, train
 
 PHRASE = "Rest and drink water."
 HELD_OUT = ["What is a fever?", "How do I treat a cough at home?", "Is asthma dangerous?"]
@@ -136,11 +136,7 @@ def test_opd_two_ranks_zero3_teacher_partitioned_and_exact_resume(tmp_path, asse
     assert any("on_policy/jsd" in r for s, r in m_full.items() if s > 2)  # the resumed part rolls out too
     assert os.path.isfile(full / "model.safetensors")
 
-    crash = train(_args(assets, part, *args), nproc=2, check=False, MEDGPT_DEBUG_FAIL_RANK="1",
-                  MEDGPT_DEBUG_FAIL_STEP="3")
-    assert crash.returncode != 0 and "MEDGPT_DEBUG_FAIL" in crash.stdout + crash.stderr
-    resumed = train(_args(assets, part, *args, "--resume_from_checkpoint", "auto"), nproc=2)
-    assert "resumed from" in resumed.stdout and "checkpoint-2" in resumed.stdout
+    crash_then_resume(_args(assets, part, *args), nproc=2, fail_rank=1, fail_step=3, resumes_from="checkpoint-2")
     m_part = _by_step(part)
     for step in (3, 4):  # the on-policy draw, the rollout RNG, the sample order and the weights restored
         assert m_part[step] == pytest.approx(m_full[step], rel=1e-6, abs=1e-9), step

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tests.launch_utils import SHARED_DATA, ds_config_copy, metrics, train
+from tests.launch_utils import SHARED_DATA, crash_then_resume, ds_config_copy, metrics, train
 from tests.helpers import make_rl_assets
 
 RULE = "tests.helpers:starts_with_space"
@@ -56,10 +56,7 @@ def test_ppo_learns_a_rule_reward_and_resumes_exactly(tmp_path, assets):
     assert len({r["kl_coef"] for r in m_full.values()}) > 1  # the adaptive controller moved
     assert os.path.isdir(full / "checkpoint-14" / "critic") and os.path.isfile(full / "model.safetensors")
 
-    crash = train(_args(assets, part, *args), check=False, MEDGPT_DEBUG_FAIL_RANK="0", MEDGPT_DEBUG_FAIL_STEP="9")
-    assert crash.returncode != 0 and "MEDGPT_DEBUG_FAIL" in crash.stderr
-    resumed = train(_args(assets, part, *args, "--resume_from_checkpoint", "auto"))
-    assert "checkpoint-7" in resumed.stdout
+    crash_then_resume(_args(assets, part, *args), nproc=1, fail_rank=0, fail_step=9, resumes_from="checkpoint-7")
     m_part = _by_step(part)
     for step in range(8, 15):  # actor, critic, optimizers, KL coefficient, rollout RNG, prompt order
         assert m_part[step] == pytest.approx(m_full[step], rel=1e-6, abs=1e-9), step
