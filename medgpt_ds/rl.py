@@ -267,6 +267,16 @@ def concat_generations(gens: list[Generation], pad_id: int) -> Generation:
                       weight_version=gens[0].weight_version)
 
 
+def sampled_rollout(rollout, cursor: int, G: int, n_prompts: int, stage_args, pad_id: int):
+    """One step's rollout from prompt batch ``cursor``: (gen, score, parts, rounds, counts). With
+    --dynamic_sampling, groups whose rewards are all equal are replaced from the next batches
+    (``dynamic_sampling``); otherwise one round and no counts."""
+    gen, score, parts = rollout(cursor)
+    if not stage_args.dynamic_sampling:
+        return gen, score, parts, 1, {}
+    return dynamic_sampling(gen, score, parts, rollout, cursor, G, n_prompts, stage_args.max_sampling_rounds, pad_id)
+
+
 def dynamic_sampling(gen, score, parts, rollout, cursor: int, G: int, n_prompts: int, max_rounds: int, pad_id: int):
     """DAPO's dynamic sampling (Yu et al. 2025, https://arxiv.org/abs/2503.14476, sec. 3.2): keep the
     prompt groups whose G rewards are not all equal, generate for the next prompt batches until this

@@ -161,11 +161,7 @@ def run(cfg) -> Optional[TrainState]:
             t0 = time.perf_counter()
             cursor = state.extra.get("prompt_batches", state.epoch * steps_per_epoch + state.step_in_epoch)
             sync_times.clear()
-            gen, score, parts = rollout(cursor)
-            rounds, ds = 1, {}
-            if a.dynamic_sampling:
-                gen, score, parts, rounds, ds = rl.dynamic_sampling(gen, score, parts, rollout, cursor, G, n_prompts,
-                                                                    a.max_sampling_rounds, tokenizer.pad_token_id)
+            gen, score, parts, rounds, ds = rl.sampled_rollout(rollout, cursor, G, n_prompts, a, tokenizer.pad_token_id)
             rl.check_weight_version(gen, actor.global_steps)
             sync_s = sum(sync_times)
             t1 = time.perf_counter()
